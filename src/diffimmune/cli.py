@@ -1,0 +1,209 @@
+"""The command line: one entry point, `diffimmune`, with a subcommand per job.
+
+Every user-fixable problem surfaces as a `DiffImmuneError`, printed as one line on stderr with exit
+code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diffimmune.errors import DiffImmuneError
+
+app = typer.Typer(
+    help="Immunize text-to-image diffusion models against malicious fine-tuning, and measure how well it holds.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+
+
+def user_errors(function):
+    """Turn a DiffImmuneError into `error: <message>` and exit code 2; Ctrl-C into exit 130."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except DiffImmuneError as error:
+            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            error_console.print("interrupted; re-run with --resume to continue from the last checkpoint")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0-7`, `1,5,9` or `4` (meaning 0..3)."""
+    try:
+        if "-" in text:
+            low, high = (int(part) for part in text.split("-", 1))
+            return list(range(low, high + 1))
+        if "," in text:
+            return [int(part) for part in text.split(",")]
+        return list(range(int(text)))
+    except ValueError:
+        raise DiffImmuneError(f"--seeds '{text}' is not a count, a range (0-7) or a list (1,5,9)") from None
+
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="diffusers folder, hub id, or delta folder")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="load pickle weights (can run code)")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run a model folder's own code")]
+
+
+def load_model(model: str, allow_pickle: bool = False, trust_remote_code: bool = False, device: str | None = None):
+    """A diffusers folder / hub id, or a delta folder (loaded onto the base its manifest names)."""
+    from diffimmune.models.diffusion_model import DiffusionModel
+
+    options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "device": device}
+    if (Path(model) / "manifest.json").is_file() and not (Path(model) / "model_index.json").is_file():
+        return DiffusionModel.from_delta(model, **options)
+    return DiffusionModel.from_pretrained(model, **options)
+
+
+@app.command()
+@user_errors
+def generate(
+    model: ModelOption,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="a prompt; repeat for several")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG grid to write")] = Path("grid.png"),
+    seeds: Annotated[str, typer.Option(help="per prompt: a count (8), a range (0-7) or a list (1,5,9)")] = "8",
+    steps: Annotated[int, typer.Option(min=1, help="sampling steps")] = 25,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
+    sampler: Annotated[str, typer.Option(help="ddim, dpm, or pipeline (the folder's own scheduler)")] = "ddim",
+    scale: Annotated[int, typer.Option(min=1, help="upscale each tile (nearest) for viewing")] = 1,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available)")] = None,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Generate images for each prompt and seed and write them as one PNG grid (a row per prompt)."""
+    from rich.progress import Progress
+
+    from diffimmune.files import ensure_writable_folder
+    from diffimmune.report.grids import make_grid, save_png_atomic
+
+    ensure_writable_folder(out.parent)
+    seed_list = parse_seeds(seeds)
+    diffusion_model = load_model(model, allow_pickle, trust_remote_code, device)
+    prompts = [p for p in prompt for _ in seed_list]
+    with Progress(console=error_console, transient=True) as progress:
+        task = progress.add_task("generating", total=len(prompts))
+        images = diffusion_model.generate(
+            prompts,
+            seeds=seed_list * len(prompt),
+            steps=steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            progress=lambda n: progress.advance(task, n),
+        )
+    save_png_atomic(make_grid(images, columns=len(seed_list), scale=scale), out)
+    console.print(f"wrote {out} ({len(prompt)} prompt(s) x {len(seed_list)} seed(s))")
+
+
+def _parameter_counts(model) -> dict[str, int]:
+    counts = {
+        "unet": sum(p.numel() for p in model.unet.parameters()),
+        "text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
+    }
+    if model.vae is not None:
+        counts["vae"] = sum(p.numel() for p in model.vae.parameters())
+    return counts
+
+
+def _info_model(path: Path, selection: str | None, allow_pickle: bool, trust_remote_code: bool) -> None:
+    from diffimmune.models.params import select_parameters
+
+    model = load_model(str(path), allow_pickle, trust_remote_code, device="cpu")
+    table = Table(title=f"model {path}", show_header=False)
+    table.add_row("source", model.source)
+    table.add_row("space", "latent (VAE)" if model.vae is not None else "pixel")
+    table.add_row("image size", str(model.image_size))
+    table.add_row("denoiser sample", "x".join(str(s) for s in model.sample_shape))
+    table.add_row("scheduler", f"{type(model.pipeline_scheduler).__name__} ({model.prediction_type})")
+    table.add_row("tokenizer", f"{type(model.tokenizer).__name__}, {len(model.tokenizer)} tokens")
+    for component, count in _parameter_counts(model).items():
+        table.add_row(f"{component} parameters", f"{count:,}")
+    console.print(table)
+    if selection:
+        chosen = select_parameters(model, selection)
+        console.print(
+            f"selection '{selection}': {len(chosen)} tensors, {sum(t.numel() for t in chosen.values()):,} parameters"
+        )
+        for name in chosen:
+            console.print(f"  {name}", highlight=False)
+    quality = path / "diffimmune" / "quality.md"
+    if quality.is_file():
+        console.print(quality.read_text(), highlight=False)
+
+
+def _info_delta(path: Path) -> None:
+    from diffimmune.models.diffusion_model import read_delta_manifest
+
+    manifest = read_delta_manifest(path)
+    table = Table(title=f"delta {path}", show_header=False)
+    for key in ("method", "selection", "base_model", "diffimmune_version"):
+        table.add_row(key, str(manifest.get(key, "")))
+    table.add_row("changed tensors", str(len(manifest["changed"])))
+    table.add_row("hyperparameters", json.dumps(manifest.get("hyperparameters", {})))
+    console.print(table)
+
+
+def _info_run(path: Path) -> None:
+    from diffimmune.core.train import latest_checkpoint
+
+    table = Table(title=f"run {path}", show_header=False)
+    checkpoint = latest_checkpoint(path)
+    table.add_row("latest checkpoint", str(checkpoint) if checkpoint else "none")
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [line for line in metrics.read_text().splitlines() if line]
+        if lines:
+            last = json.loads(lines[-1])
+            table.add_row("logged steps", str(len(lines)))
+            table.add_row("last metrics", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def info(
+    path: Annotated[Path, typer.Argument(help="a model folder, a delta folder or a run folder")],
+    selection: Annotated[str | None, typer.Option(help="also list the parameters this selection picks")] = None,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Say what a model, delta or run folder holds."""
+    if not path.exists():
+        raise DiffImmuneError(f"{path} does not exist; pass a model, delta or run folder")
+    if (path / "model_index.json").is_file():
+        _info_model(path, selection, allow_pickle, trust_remote_code)
+    elif (path / "manifest.json").is_file():
+        _info_delta(path)
+        if selection:
+            _info_model(path, selection, allow_pickle, trust_remote_code)
+    elif (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir():
+        _info_run(path)
+    else:
+        raise DiffImmuneError(
+            f"{path} is not a model (model_index.json), delta (manifest.json) or run folder (metrics.jsonl)"
+        )
+
+
+def main() -> None:
+    app(prog_name="diffimmune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

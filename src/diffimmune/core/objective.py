@@ -1,0 +1,116 @@
+"""The one objective: the denoising diffusion loss of a parameter dict on a batch.
+
+    L(params) = mean_i w_i || f_params(x_t, c_i, t_i) - target_i ||^2,
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,  target = eps | v | x0 (the scheduler's prediction type)
+
+with optional prior preservation (DreamBooth): a second batch whose mean loss is added with a weight.
+Every method and attack calls `diffusion_loss`; randomness (t, eps) comes from an explicit generator so a
+step is a pure function of (params, batch, seed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from diffimmune.errors import DiffImmuneError
+
+
+@dataclass
+class Batch:
+    """Training samples in the denoiser's space (VAE latents or [-1,1] pixels) and their prompts."""
+
+    x0: Tensor
+    prompts: list[str]
+    prior: Batch | None = None
+    prior_weight: float = 1.0
+    noise: Tensor | None = None
+    timesteps: Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if len(self.prompts) != self.x0.shape[0]:
+            raise DiffImmuneError(f"batch has {self.x0.shape[0]} samples but {len(self.prompts)} prompts")
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+
+@contextlib.contextmanager
+def math_attention():
+    """Use the math attention kernel, the one that supports double backward (HVPs, unrolled inner
+    steps); the fused kernels do not. Costs speed, so only second-order code paths enter it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def sample_noise_and_timesteps(model, batch: Batch, generator: torch.Generator | None):
+    """Draw eps and t on the CPU from `generator` (device-independent), unless the batch fixes them."""
+    x0 = batch.x0
+    noise = batch.noise
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    timesteps = batch.timesteps
+    if timesteps is None:
+        count = model.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, count, (x0.shape[0],), generator=generator)
+    return noise, timesteps.to(x0.device)
+
+
+def diffusion_target(model, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    kind = model.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return model.scheduler.get_velocity(x0, noise, timesteps)
+    if kind == "sample":
+        return x0
+    raise DiffImmuneError(
+        f"scheduler prediction_type '{kind}' is not supported; use epsilon, v_prediction or sample"
+    )
+
+
+def per_sample_loss(
+    model,
+    params: dict[str, Tensor] | None,
+    batch: Batch,
+    generator: torch.Generator | None = None,
+    text_embeddings: Tensor | None = None,
+) -> Tensor:
+    """The squared error of each sample [B] (no prior term)."""
+    noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
+    x_t = model.scheduler.add_noise(batch.x0, noise, timesteps)
+    if text_embeddings is None:
+        text_embeddings = model.encode_prompts(batch.prompts, params)
+    prediction = model.denoise(params, x_t, timesteps, text_embeddings)
+    target = diffusion_target(model, batch.x0, noise, timesteps)
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def diffusion_loss(
+    model,
+    params: dict[str, Tensor] | None,
+    batch: Batch,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Mean diffusion loss of `batch` under `params`, plus `prior_weight` x the prior batch's loss.
+    The instance and prior samples go through the denoiser in one forward pass."""
+    if batch.prior is None:
+        return per_sample_loss(model, params, batch, generator).mean()
+    prior = batch.prior
+    noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
+    prior_noise, prior_timesteps = sample_noise_and_timesteps(model, prior, generator)
+    joined = Batch(
+        x0=torch.cat([batch.x0, prior.x0]),
+        prompts=[*batch.prompts, *prior.prompts],
+        noise=torch.cat([noise, prior_noise]),
+        timesteps=torch.cat([timesteps, prior_timesteps]),
+    )
+    losses = per_sample_loss(model, params, joined)
+    count = len(batch)
+    return losses[:count].mean() + batch.prior_weight * losses[count:].mean()
