@@ -35,7 +35,11 @@ def test_generation_equals_the_stable_diffusion_pipeline(tiny_model):
     pipeline.scheduler = tiny_model.make_sampler("ddim")
     pipeline.set_progress_bar_config(disable=True)
     theirs = pipeline(
-        PROMPTS, latents=tiny_model.initial_noise([1, 2]), num_inference_steps=5, guidance_scale=4.0, output_type="pt"
+        PROMPTS,
+        latents=tiny_model.initial_noise([1, 2]),
+        num_inference_steps=5,
+        guidance_scale=4.0,
+        output_type="pt",
     ).images
     assert torch.allclose(ours, theirs, atol=1e-6)
 
@@ -44,7 +48,9 @@ def test_saved_folder_reloads_with_identical_generations(tiny_model, tmp_path):
     from diffusers import DiffusionPipeline
 
     with torch.no_grad():
-        select_parameters(tiny_model, "xattn_kv")["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"].add_(0.5)
+        select_parameters(tiny_model, "xattn_kv")[
+            "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+        ].add_(0.5)
     before = tiny_model.generate(PROMPTS, seeds=[7, 8], steps=4)
     tiny_model.save_pretrained(tmp_path / "saved")
     files = [p.name for p in (tmp_path / "saved").rglob("*") if p.is_file()]
@@ -94,7 +100,9 @@ def test_delta_stores_only_changed_tensors_and_restores_them(tiny_sd_dir, tmp_pa
     with torch.no_grad():
         for name in names:
             chosen[name].mul_(1.5)
-    model.save_delta(tmp_path / "delta", reference, method="test", selection="xattn_kv", hyperparameters={"lr": 1.0})
+    model.save_delta(
+        tmp_path / "delta", reference, method="test", selection="xattn_kv", hyperparameters={"lr": 1.0}
+    )
     manifest = json.loads((tmp_path / "delta" / "manifest.json").read_text())
     assert manifest["changed"] == names
     assert manifest["base_model"] == model.source

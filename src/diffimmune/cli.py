@@ -63,7 +63,9 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="load pickle w
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run a model folder's own code")]
 
 
-def load_model(model: str, allow_pickle: bool = False, trust_remote_code: bool = False, device: str | None = None):
+def load_model(
+    model: str, allow_pickle: bool = False, trust_remote_code: bool = False, device: str | None = None
+):
     """A diffusers folder / hub id, or a delta folder (loaded onto the base its manifest names)."""
     from diffimmune.models.diffusion_model import DiffusionModel
 
@@ -79,12 +81,18 @@ def generate(
     model: ModelOption,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="a prompt; repeat for several")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG grid to write")] = Path("grid.png"),
-    seeds: Annotated[str, typer.Option(help="per prompt: a count (8), a range (0-7) or a list (1,5,9)")] = "8",
+    seeds: Annotated[
+        str, typer.Option(help="per prompt: a count (8), a range (0-7) or a list (1,5,9)")
+    ] = "8",
     steps: Annotated[int, typer.Option(min=1, help="sampling steps")] = 25,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
-    sampler: Annotated[str, typer.Option(help="ddim, dpm, or pipeline (the folder's own scheduler)")] = "ddim",
+    sampler: Annotated[
+        str, typer.Option(help="ddim, dpm, or pipeline (the folder's own scheduler)")
+    ] = "ddim",
     scale: Annotated[int, typer.Option(min=1, help="upscale each tile (nearest) for viewing")] = 1,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available)")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ] = None,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
@@ -172,7 +180,10 @@ def _info_run(path: Path) -> None:
         if lines:
             last = json.loads(lines[-1])
             table.add_row("logged steps", str(len(lines)))
-            table.add_row("last metrics", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+            table.add_row(
+                "last metrics",
+                ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()),
+            )
     console.print(table)
 
 
@@ -180,7 +191,9 @@ def _info_run(path: Path) -> None:
 @user_errors
 def info(
     path: Annotated[Path, typer.Argument(help="a model folder, a delta folder or a run folder")],
-    selection: Annotated[str | None, typer.Option(help="also list the parameters this selection picks")] = None,
+    selection: Annotated[
+        str | None, typer.Option(help="also list the parameters this selection picks")
+    ] = None,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ):

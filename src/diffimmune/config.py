@@ -70,7 +70,9 @@ def load_config(path: str | Path, model_type: type[Model]) -> Model:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         first = str(error).splitlines()[0]
-        raise DiffImmuneError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first}") from None
+        raise DiffImmuneError(
+            f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first}"
+        ) from None
     if not isinstance(data, dict):
         raise DiffImmuneError(f"{path} must hold a mapping of settings at the top level")
     return validate_config(data, model_type, str(path))

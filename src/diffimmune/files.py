@@ -18,13 +18,17 @@ def ensure_writable_folder(folder: str | os.PathLike, what: str = "output folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise DiffImmuneError(f"cannot create {what} {folder} ({error.strerror}); choose a writable path") from None
+        raise DiffImmuneError(
+            f"cannot create {what} {folder} ({error.strerror}); choose a writable path"
+        ) from None
     probe = folder / f".write-test-{os.getpid()}"
     try:
         probe.touch()
         probe.unlink()
     except OSError as error:
-        raise DiffImmuneError(f"{what} {folder} is not writable ({error.strerror}); choose a writable path") from None
+        raise DiffImmuneError(
+            f"{what} {folder} is not writable ({error.strerror}); choose a writable path"
+        ) from None
     return folder
 
 

@@ -89,7 +89,9 @@ def per_sample_loss(
         text_embeddings = model.encode_prompts(batch.prompts, params)
     prediction = model.denoise(params, x_t, timesteps, text_embeddings)
     target = diffusion_target(model, batch.x0, noise, timesteps)
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    # Half-precision predictions are compared in float32; float64 stays float64 (finite-difference tests).
+    precision = torch.promote_types(prediction.dtype, torch.float32)
+    return (prediction.to(precision) - target.to(precision)).pow(2).flatten(1).mean(1)
 
 
 def diffusion_loss(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -270,6 +271,10 @@ def train(
         for step in range(start, config.steps):
             generator = torch.Generator().manual_seed(step_seed(config.seed, step))
             output = _as_step_output(step_fn(params, step, generator), params)
+            if not math.isfinite(output.loss):
+                raise DiffImmuneError(
+                    f"{description}: loss became {output.loss} at step {step + 1}; lower the learning rate"
+                )
             for name, tensor in params.items():
                 tensor.grad = output.grads.get(name)
             grad_norm = None
@@ -279,10 +284,6 @@ def train(
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            if not torch.isfinite(torch.tensor(output.loss)):
-                raise DiffImmuneError(
-                    f"{description}: loss became {output.loss} at step {done}; lower the learning rate"
-                )
             if done % config.log_every == 0 or done == config.steps:
                 last_metrics = {
                     "step": done,

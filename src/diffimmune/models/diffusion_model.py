@@ -72,7 +72,11 @@ class DiffusionModel:
     # ----------------------------------------------------------------- construction and persistence
     @classmethod
     def from_pipeline(cls, pipeline, source: str = "<in memory>") -> DiffusionModel:
-        missing = [name for name in ("unet", "text_encoder", "tokenizer", "scheduler") if getattr(pipeline, name, None) is None]
+        missing = [
+            name
+            for name in ("unet", "text_encoder", "tokenizer", "scheduler")
+            if getattr(pipeline, name, None) is None
+        ]
         if missing:
             raise DiffImmuneError(
                 f"{source} is a {type(pipeline).__name__} without {', '.join(missing)}; diffimmune needs the "
@@ -192,7 +196,9 @@ class DiffusionModel:
         named = self.named_parameters()
         unknown = sorted(set(values) - set(named))
         if unknown:
-            raise DiffImmuneError(f"parameter {unknown[0]} does not exist in this model; check the delta's base model")
+            raise DiffImmuneError(
+                f"parameter {unknown[0]} does not exist in this model; check the delta's base model"
+            )
         for name, value in values.items():
             if named[name].shape != value.shape:
                 raise DiffImmuneError(
@@ -209,7 +215,11 @@ class DiffusionModel:
 
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
         ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.max_prompt_length, truncation=True, return_tensors="pt"
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_prompt_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         return ids.to(self.device)
 
@@ -230,16 +240,18 @@ class DiffusionModel:
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Images [B,3,H,W] in [0,1] -> the denoiser's space (scaled VAE latents, or pixels in [-1,1]).
         Without a generator the latent is the posterior mean, so encoding is deterministic."""
-        pixels = images.to(self.device, self.dtype) * 2 - 1
         if self.vae is None:
-            return pixels
+            return images.to(self.device, self.dtype) * 2 - 1
+        pixels = images.to(self.device, self.vae.dtype) * 2 - 1
         posterior = self.vae.encode(pixels).latent_dist
         latents = posterior.mean if generator is None else posterior.sample(generator)
-        return latents * self.latent_scale
+        return (latents * self.latent_scale).to(self.dtype)
 
     def decode(self, x0: Tensor) -> Tensor:
         """The denoiser's space -> images [B,3,H,W] in [0,1]."""
-        pixels = x0 if self.vae is None else self.vae.decode(x0 / self.latent_scale).sample
+        pixels = (
+            x0 if self.vae is None else self.vae.decode((x0 / self.latent_scale).to(self.vae.dtype)).sample
+        )
         return (pixels / 2 + 0.5).clamp(0, 1)
 
     @property
@@ -258,7 +270,9 @@ class DiffusionModel:
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
 
-    def denoise(self, params: dict[str, Tensor] | None, x_t: Tensor, t: Tensor, text_embeddings: Tensor) -> Tensor:
+    def denoise(
+        self, params: dict[str, Tensor] | None, x_t: Tensor, t: Tensor, text_embeddings: Tensor
+    ) -> Tensor:
         """The denoiser's prediction with `params` replacing the model's own tensors of the same name."""
         replaced = strip_prefix(params, "unet.") if params else {}
         if t.ndim == 0:
@@ -281,7 +295,10 @@ class DiffusionModel:
 
     def initial_noise(self, seeds: Sequence[int]) -> Tensor:
         """One noise tensor per seed, drawn on the CPU so a seed gives the same image on any device."""
-        noise = [torch.randn((1, *self.sample_shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        noise = [
+            torch.randn((1, *self.sample_shape), generator=torch.Generator().manual_seed(int(s)))
+            for s in seeds
+        ]
         return torch.cat(noise).to(self.device, self.dtype)
 
     @torch.no_grad()
@@ -301,7 +318,9 @@ class DiffusionModel:
         prompts = list(prompts)
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
-            raise DiffImmuneError(f"generate got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+            raise DiffImmuneError(
+                f"generate got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt"
+            )
         images = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
@@ -312,7 +331,9 @@ class DiffusionModel:
                 progress(len(chunk))
         return torch.cat(images) if images else torch.empty(0, 3, self.image_size, self.image_size)
 
-    def sample(self, prompts, latents, steps, guidance_scale, params=None, sampler="ddim", negative_prompt=""):
+    def sample(
+        self, prompts, latents, steps, guidance_scale, params=None, sampler="ddim", negative_prompt=""
+    ):
         """The Stable Diffusion sampling loop with classifier-free guidance, from given initial noise."""
         scheduler = self.make_sampler(sampler)
         scheduler.set_timesteps(steps, device=self.device)
@@ -350,7 +371,11 @@ class DiffusionModel:
         from diffimmune import __version__
 
         named = self.named_parameters()
-        changed = {n: named[n].detach().cpu().contiguous() for n in reference if not torch.equal(named[n], reference[n])}
+        changed = {
+            n: named[n].detach().cpu().contiguous()
+            for n in reference
+            if not torch.equal(named[n], reference[n])
+        }
         manifest = {
             "format": DELTA_FORMAT,
             "diffimmune_version": __version__,
@@ -378,7 +403,9 @@ class DiffusionModel:
         check_safetensors_file(weights_path)
         values = load_file(str(weights_path))
         if sorted(values) != manifest["changed"]:
-            raise DiffImmuneError(f"{weights_path} does not hold the tensors its manifest lists; re-export the delta")
+            raise DiffImmuneError(
+                f"{weights_path} does not hold the tensors its manifest lists; re-export the delta"
+            )
         named = self.named_parameters()
         for name in manifest["changed"]:
             if name not in named:
@@ -386,7 +413,9 @@ class DiffusionModel:
                     f"delta {directory} changes {name}, which this model lacks; load base {manifest['base_model']}"
                 )
             if tensor_sha256(values[name]) != manifest["sha256"][name]:
-                raise DiffImmuneError(f"{weights_path}: tensor {name} does not match its hash; the file is corrupt")
+                raise DiffImmuneError(
+                    f"{weights_path}: tensor {name} does not match its hash; the file is corrupt"
+                )
             if check_base and tensor_sha256(named[name]) != manifest["base_sha256"][name]:
                 raise DiffImmuneError(
                     f"delta {directory} was made for another base model ({name} differs); "
@@ -396,7 +425,9 @@ class DiffusionModel:
         return manifest
 
     @classmethod
-    def from_delta(cls, directory: str | os.PathLike, base: str | None = None, **load_options) -> DiffusionModel:
+    def from_delta(
+        cls, directory: str | os.PathLike, base: str | None = None, **load_options
+    ) -> DiffusionModel:
         manifest = read_delta_manifest(directory)
         model = cls.from_pretrained(base or manifest["base_model"], **load_options)
         model.load_delta(directory)
@@ -407,7 +438,9 @@ class DiffusionModel:
 def read_delta_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory) / "manifest.json"
     if not path.is_file():
-        raise DiffImmuneError(f"{directory} is not a diffimmune delta (no manifest.json); pass a folder save_delta wrote")
+        raise DiffImmuneError(
+            f"{directory} is not a diffimmune delta (no manifest.json); pass a folder save_delta wrote"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:

@@ -24,7 +24,8 @@ def build_word_tokenizer(words: Sequence[str], max_length: int = 16, spare_token
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # Like CLIP's tokenizer, frame every prompt with begin/end tokens (the end token marks the pooled slot).
     backend.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", special_tokens=[("<bos>", vocabulary["<bos>"]), ("<eos>", vocabulary["<eos>"])]
+        single="<bos> $A <eos>",
+        special_tokens=[("<bos>", vocabulary["<bos>"]), ("<eos>", vocabulary["<eos>"])],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -36,7 +37,9 @@ def build_word_tokenizer(words: Sequence[str], max_length: int = 16, spare_token
     )
 
 
-def build_text_encoder(vocab_size: int, hidden_size: int = 32, layers: int = 2, heads: int = 2, max_length: int = 16):
+def build_text_encoder(
+    vocab_size: int, hidden_size: int = 32, layers: int = 2, heads: int = 2, max_length: int = 16
+):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
@@ -84,7 +87,9 @@ def build_unet(
     )
 
 
-def build_vae(latent_channels: int = 4, block_out_channels: Sequence[int] = (32, 64), norm_num_groups: int = 8):
+def build_vae(
+    latent_channels: int = 4, block_out_channels: Sequence[int] = (32, 64), norm_num_groups: int = 8
+):
     """An AutoencoderKL that downsamples by 2 ** (len(block_out_channels) - 1)."""
     from diffusers import AutoencoderKL
 

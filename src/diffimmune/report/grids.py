@@ -19,7 +19,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def make_grid(images: torch.Tensor, columns: int | None = None, scale: int = 1, padding: int = 2) -> Image.Image:
+def make_grid(
+    images: torch.Tensor, columns: int | None = None, scale: int = 1, padding: int = 2
+) -> Image.Image:
     count = images.shape[0]
     if count == 0:
         raise DiffImmuneError("no images to put in a grid")
@@ -27,7 +29,9 @@ def make_grid(images: torch.Tensor, columns: int | None = None, scale: int = 1, 
     rows = math.ceil(count / columns)
     pixels = to_uint8(images)
     height, width = pixels.shape[1] * scale, pixels.shape[2] * scale
-    canvas = Image.new("RGB", (columns * (width + padding) + padding, rows * (height + padding) + padding), "white")
+    canvas = Image.new(
+        "RGB", (columns * (width + padding) + padding, rows * (height + padding) + padding), "white"
+    )
     for index, image in enumerate(pixels):
         tile = Image.fromarray(image).resize((width, height), Image.NEAREST)
         row, column = divmod(index, columns)

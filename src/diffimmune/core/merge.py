@@ -1,0 +1,162 @@
+"""The differentiable merge of several adapted models into one (Custom Diffusion's closed form, MIMA's Merge).
+
+Owns two pure functions of tensors and nothing else:
+
+- `merge_projection`: the constrained least-squares update of one linear weight
+  (Custom Diffusion, Kumari et al. 2023, eq. 5): change ``W0`` as little as possible on a set of
+  regularisation embeddings while mapping the target-concept embeddings exactly to chosen outputs;
+- `merge_models`: MIMA's Merge of N adapted parameter dicts: the closed form for cross-attention K/V
+  weights with every concept's constraints stacked, a plain average for every other parameter.
+
+Both are ordinary autograd graphs (``torch.linalg.solve``, no ``no_grad``, no in-place writes), so an
+upper-level loss can backpropagate through the merge into the adapted weights, the base weights and the
+embeddings. Written in the style of UCE's closed-form editor: one function of matrices, easy to test.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffimmune.errors import DiffImmuneError
+
+__all__ = ["DEFAULT_RIDGE", "merge_models", "merge_projection", "regularisation_gram"]
+
+# Relative to the mean eigenvalue trace(M)/in of the regularisation Gram matrix M = C_reg^T C_reg.
+# Needed when there are fewer regularisation embeddings than input features (m < in): M is then singular
+# and the least-squares objective does not decide W outside the span of C_reg. The ridge picks, among the
+# optimal W, the one closest to W0 in those directions; at 1e-4 of the mean eigenvalue it leaves the
+# spanned directions essentially untouched and keeps M's condition number near 1e4, which float32 solves.
+DEFAULT_RIDGE = 1e-4
+
+
+def regularisation_gram(reg_embeddings: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
+    """M = C_reg^T C_reg + ridge * (trace / in) * I, the (ridged) Gram matrix the merge inverts. [in, in]."""
+    if ridge < 0:
+        raise DiffImmuneError(f"merge ridge must be >= 0, got {ridge}")
+    gram = reg_embeddings.transpose(0, 1) @ reg_embeddings
+    features = gram.shape[0]
+    # The scale is a constant of the problem, not a quantity to differentiate through.
+    scale = (torch.diagonal(gram).sum() / features).detach().clamp_min(torch.finfo(gram.dtype).tiny)
+    identity = torch.eye(features, dtype=gram.dtype, device=gram.device)
+    return gram + (ridge * scale) * identity
+
+
+def merge_projection(
+    W0: Tensor,
+    C: Tensor,
+    V: Tensor,
+    C_reg: Tensor,
+    ridge: float = DEFAULT_RIDGE,
+) -> Tensor:
+    """The weight W closest to W0 on ``C_reg`` that maps every row of ``C`` exactly to the row of ``V``.
+
+    Solves  min_W ||C_reg W^T - C_reg W0^T||_F^2  subject to  C W^T = V  in closed form:
+
+        M = C_reg^T C_reg + ridge * trace(M)/in * I
+        W^T = W0^T + M^{-1} C^T (C M^{-1} C^T)^{-1} (V - C W0^T)
+
+    Args:
+        W0: the base ``torch.nn.Linear`` weight, [out, in].
+        C: the target-concept token embeddings, [n, in]; n <= in and C of full row rank.
+        V: the outputs those embeddings must map to, [n, out].
+        C_reg: the regularisation token embeddings, [m, in].
+        ridge: the Tikhonov term, relative to the mean eigenvalue of C_reg^T C_reg (see DEFAULT_RIDGE).
+
+    Returns the merged weight, [out, in], in W0's dtype, differentiable w.r.t. every tensor argument.
+    """
+    _check_projection_shapes(W0, C, V, C_reg)
+    dtype, device = W0.dtype, W0.device
+    C, V, C_reg = (t.to(dtype=dtype, device=device) for t in (C, V, C_reg))
+    if C.shape[0] == 0:
+        return W0
+    gram = regularisation_gram(C_reg, ridge)
+    # A = M^{-1} C^T, then S = C A is the small [n, n] system; two solves instead of an explicit inverse.
+    m_inv_ct = torch.linalg.solve(gram, C.transpose(0, 1))
+    schur = C @ m_inv_ct
+    residual = V - C @ W0.transpose(0, 1)
+    update_t = m_inv_ct @ torch.linalg.solve(schur, residual)
+    return W0 + update_t.transpose(0, 1)
+
+
+def merge_models(
+    base: dict[str, Tensor],
+    adapted: list[dict[str, Tensor]],
+    concept_embeddings: list[Tensor],
+    reg_embeddings: Tensor,
+    kv_names: set[str],
+    ridge: float = DEFAULT_RIDGE,
+) -> dict[str, Tensor]:
+    """MIMA's Merge: combine N adapted parameter dicts (one per target concept) into one.
+
+    For every name in ``kv_names`` (cross-attention to_k / to_v weights, [out, in]) the result is
+    ``merge_projection(base[name], C, V, reg_embeddings)`` with all concepts' constraints stacked:
+    C = cat(C_i), V = cat(C_i @ adapted_i[name]^T), so each adapted model's K/V outputs on its own
+    concept's tokens are kept exactly. Every other name is the plain average over the adapted models.
+
+    Args:
+        base: the base parameters; must contain every name in ``kv_names``.
+        adapted: one parameter dict per concept, all with the same names.
+        concept_embeddings: one [n_i, in] tensor of token embeddings per concept, aligned with ``adapted``.
+        reg_embeddings: [m, in] token embeddings of the regularisation prompts.
+        kv_names: the parameter names merged by the closed form.
+        ridge: passed to `merge_projection`.
+
+    Returns a dict with the adapted dicts' names, differentiable w.r.t. ``adapted``, ``base`` and the
+    embeddings.
+    """
+    if not adapted:
+        raise DiffImmuneError("merge_models needs at least one adapted parameter dict, got none")
+    if len(concept_embeddings) != len(adapted):
+        raise DiffImmuneError(
+            f"merge_models got {len(adapted)} adapted dicts but {len(concept_embeddings)} concept "
+            "embeddings: pass one embedding tensor per adapted model"
+        )
+    names = list(adapted[0])
+    for index, params in enumerate(adapted[1:], start=1):
+        if set(params) != set(names):
+            different = sorted(set(params) ^ set(names))[:3]
+            raise DiffImmuneError(
+                f"adapted dict {index} has different parameter names from adapted dict 0 (e.g. {different})"
+            )
+    missing = sorted(name for name in kv_names if name not in adapted[0] or name not in base)
+    if missing:
+        raise DiffImmuneError(
+            f"K/V names missing from the base or adapted parameters: {missing[:3]}; "
+            "select the cross-attention to_k/to_v weights in both"
+        )
+    stacked_concepts = torch.cat(list(concept_embeddings), dim=0)
+    merged: dict[str, Tensor] = {}
+    for name in names:
+        if name in kv_names:
+            targets = [
+                embeddings.to(params[name]) @ params[name].transpose(0, 1)
+                for embeddings, params in zip(concept_embeddings, adapted, strict=True)
+            ]
+            merged[name] = merge_projection(
+                base[name], stacked_concepts, torch.cat(targets, dim=0), reg_embeddings, ridge
+            )
+        else:
+            merged[name] = torch.stack([params[name] for params in adapted]).mean(dim=0)
+    return merged
+
+
+def _check_projection_shapes(W0: Tensor, C: Tensor, V: Tensor, C_reg: Tensor) -> None:
+    if W0.ndim != 2:
+        raise DiffImmuneError(f"merge_projection needs a 2-D weight [out, in], got shape {tuple(W0.shape)}")
+    out_features, in_features = W0.shape
+    if C.ndim != 2 or C.shape[1] != in_features:
+        raise DiffImmuneError(
+            f"concept embeddings must be [n, {in_features}] to match the weight, got {tuple(C.shape)}"
+        )
+    if V.shape != (C.shape[0], out_features):
+        raise DiffImmuneError(f"targets must be [{C.shape[0]}, {out_features}], got {tuple(V.shape)}")
+    if C_reg.ndim != 2 or C_reg.shape[1] != in_features:
+        raise DiffImmuneError(
+            f"regularisation embeddings must be [m, {in_features}], got {tuple(C_reg.shape)}"
+        )
+    if C.shape[0] > in_features:
+        raise DiffImmuneError(
+            f"{C.shape[0]} concept constraints exceed the {in_features} input features: the merge is "
+            "over-determined; use fewer concept tokens"
+        )

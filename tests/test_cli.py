@@ -1,0 +1,138 @@
+"""The command line: it works on good input, and bad input gets one line, exit code 2, no traceback,
+nothing half-written."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffimmune.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "generate" in result.output and "info" in result.output
+
+
+def test_generate_writes_a_grid_with_a_row_per_prompt(tiny_sd_dir, tmp_path):
+    out = tmp_path / "grids" / "grid.png"
+    result = invoke(
+        "generate",
+        "--model",
+        tiny_sd_dir,
+        "-p",
+        "a red star",
+        "-p",
+        "a blue circle",
+        "--seeds",
+        "3",
+        "--steps",
+        "2",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    width, height = Image.open(out).size
+    assert (width, height) == (3 * 18 + 2, 2 * 18 + 2)  # 16px tiles, 2px padding
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_info_describes_a_model_and_lists_a_selection(tiny_sd_dir):
+    result = invoke("info", tiny_sd_dir, "--selection", "xattn_kv")
+    assert result.exit_code == 0, result.output
+    assert "latent (VAE)" in result.output
+    assert "selection 'xattn_kv': 8 tensors" in result.output
+
+
+def test_missing_model_path(tmp_path):
+    assert_one_line_error(invoke("info", tmp_path / "nope"), "does not exist")
+    result = invoke("generate", "--model", tmp_path / "nope", "-p", "a red star", "--out", tmp_path / "g.png")
+    assert_one_line_error(result, str(tmp_path / "nope"), "does not exist")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_folder_that_is_not_a_diffusers_model(tmp_path):
+    (tmp_path / "folder").mkdir()
+    result = invoke(
+        "generate", "--model", tmp_path / "folder", "-p", "a red star", "--out", tmp_path / "g.png"
+    )
+    assert_one_line_error(result, "not a diffusers model", "model_index.json")
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.fixture
+def model_copy(tiny_sd_dir, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(tiny_sd_dir, target)
+    return target
+
+
+def test_corrupt_safetensors_file(model_copy, tmp_path):
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = invoke("generate", "--model", model_copy, "-p", "a red star", "--out", tmp_path / "g.png")
+    assert_one_line_error(result, str(weights))
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_garbage_safetensors_file(model_copy):
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\x00garbage" * 10)
+    assert_one_line_error(invoke("info", model_copy), str(weights), "not a valid safetensors file")
+
+
+def test_pickle_checkpoint_is_refused_unless_allowed(model_copy):
+    from safetensors.torch import load_file
+
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), model_copy / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    assert_one_line_error(
+        invoke("info", model_copy), "pickle", "--allow-pickle", "diffusion_pytorch_model.bin"
+    )
+    allowed = invoke("info", model_copy, "--allow-pickle")
+    assert allowed.exit_code == 0, allowed.output
+
+
+def test_unknown_parameter_selection(tiny_sd_dir):
+    line = assert_one_line_error(invoke("info", tiny_sd_dir, "--selection", "cross_attn"), "cross_attn")
+    assert "xattn_kv" in line
+
+
+def test_unwritable_output_folder(tiny_sd_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = invoke("generate", "--model", tiny_sd_dir, "-p", "a red star", "--out", blocker / "grid.png")
+    assert_one_line_error(result, str(blocker), "writable")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_bad_seeds_option(tiny_sd_dir, tmp_path):
+    result = invoke(
+        "generate", "--model", tiny_sd_dir, "-p", "x", "--seeds", "a-b", "--out", tmp_path / "g.png"
+    )
+    assert_one_line_error(result, "--seeds")
