@@ -214,6 +214,62 @@ def info(
         )
 
 
+world_app = typer.Typer(help="The embedded default: a generated concept world and a tiny model trained on it.")
+base_app = typer.Typer(help="Pre-train the tiny text-to-image model on any captioned image folder.")
+app.add_typer(world_app, name="world")
+app.add_typer(base_app, name="base")
+
+
+@world_app.command("build")
+@user_errors
+def world_build(
+    preset: Annotated[str, typer.Option(help="fast (tests, ~2 min) or default (the quality bar)")] = "default",
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="train again from scratch instead of using cache/shipped")] = False,
+    cache: Annotated[Path | None, typer.Option(help="cache folder (default: $DIFFIMMUNE_CACHE or ~/.cache/diffimmune)")] = None,
+    export: Annotated[Path | None, typer.Option(help="also copy the finished model folder here")] = None,
+):
+    """Generate the concept world, train its detector and pre-train the tiny model (cached, resumable)."""
+    import shutil
+    import time
+
+    from diffimmune.files import atomic_folder
+    from diffimmune.recipes.world_build import EXTRA_FOLDER, build_world
+
+    began = time.perf_counter()
+    build = build_world(preset, root=cache, rebuild=rebuild, log=lambda m: error_console.print(m, highlight=False))
+    console.print((build.model_dir / EXTRA_FOLDER / "quality.md").read_text(), highlight=False)
+    if export is not None:
+        with atomic_folder(export) as temporary:
+            shutil.copytree(build.model_dir, temporary, dirs_exist_ok=True)
+        console.print(f"exported to {export}")
+    state = "built" if build.built_now else "found (cached)"
+    console.print(f"world model {state}: {build.model_dir}  [{time.perf_counter() - began:.1f} s]", highlight=False)
+
+
+@base_app.command("train")
+@user_errors
+def base_train(
+    data: Annotated[Path, typer.Option(help="image folder with metadata.jsonl or metadata.csv (file_name, text)")],
+    out: Annotated[Path, typer.Option(help="run folder; the model lands in OUT/model")],
+    preset: Annotated[str, typer.Option(help="model size and steps: fast or default")] = "default",
+    steps: Annotated[int | None, typer.Option(min=1, help="override the denoiser's training steps")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")] = True,
+):
+    """Pre-train the tiny text-to-image model (tokenizer, VAE, text encoder, UNet) on a captioned folder."""
+    from diffimmune.data.concepts import ConceptSet
+    from diffimmune.files import ensure_writable_folder
+    from diffimmune.recipes.pretrain import pretrain
+    from diffimmune.recipes.world_build import preset_config
+
+    ensure_writable_folder(out, "run folder")
+    concept_set = ConceptSet.from_folder(data)
+    config = preset_config(preset).pretrain
+    if steps is not None:
+        config = config.model_copy(update={"train": config.train.model_copy(update={"steps": steps})})
+    model_dir = pretrain(concept_set, config, out, resume=resume)
+    console.print(f"model written to {model_dir}", highlight=False)
+
+
 def main() -> None:
     app(prog_name="diffimmune")
 

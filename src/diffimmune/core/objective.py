@@ -75,14 +75,28 @@ def diffusion_target(model, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Ten
     )
 
 
+def min_snr_weights(model, timesteps: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): caps the weight of the easy, low-noise steps,
+    which speeds up pre-training. Expressed for the model's prediction type."""
+    alphas_cumprod = model.scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    capped = snr.clamp(max=gamma)
+    if model.prediction_type == "v_prediction":
+        return capped / (snr + 1)
+    if model.prediction_type == "sample":
+        return capped
+    return capped / snr
+
+
 def per_sample_loss(
     model,
     params: dict[str, Tensor] | None,
     batch: Batch,
     generator: torch.Generator | None = None,
     text_embeddings: Tensor | None = None,
+    snr_gamma: float | None = None,
 ) -> Tensor:
-    """The squared error of each sample [B] (no prior term)."""
+    """The squared error of each sample [B] (no prior term), optionally min-SNR weighted."""
     noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
     x_t = model.scheduler.add_noise(batch.x0, noise, timesteps)
     if text_embeddings is None:
@@ -91,7 +105,10 @@ def per_sample_loss(
     target = diffusion_target(model, batch.x0, noise, timesteps)
     # Half-precision predictions are compared in float32; float64 stays float64 (finite-difference tests).
     precision = torch.promote_types(prediction.dtype, torch.float32)
-    return (prediction.to(precision) - target.to(precision)).pow(2).flatten(1).mean(1)
+    losses = (prediction.to(precision) - target.to(precision)).pow(2).flatten(1).mean(1)
+    if snr_gamma is not None:
+        losses = losses * min_snr_weights(model, timesteps, snr_gamma).to(precision)
+    return losses
 
 
 def diffusion_loss(
@@ -99,11 +116,12 @@ def diffusion_loss(
     params: dict[str, Tensor] | None,
     batch: Batch,
     generator: torch.Generator | None = None,
+    snr_gamma: float | None = None,
 ) -> Tensor:
     """Mean diffusion loss of `batch` under `params`, plus `prior_weight` x the prior batch's loss.
     The instance and prior samples go through the denoiser in one forward pass."""
     if batch.prior is None:
-        return per_sample_loss(model, params, batch, generator).mean()
+        return per_sample_loss(model, params, batch, generator, snr_gamma=snr_gamma).mean()
     prior = batch.prior
     noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
     prior_noise, prior_timesteps = sample_noise_and_timesteps(model, prior, generator)
@@ -113,6 +131,6 @@ def diffusion_loss(
         noise=torch.cat([noise, prior_noise]),
         timesteps=torch.cat([timesteps, prior_timesteps]),
     )
-    losses = per_sample_loss(model, params, joined)
+    losses = per_sample_loss(model, params, joined, snr_gamma=snr_gamma)
     count = len(batch)
     return losses[:count].mean() + batch.prior_weight * losses[count:].mean()
