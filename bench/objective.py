@@ -35,8 +35,12 @@ def functional_step(model, params, batch):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="diffusers folder (default: a tiny model built in memory)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="diffusers folder (default: a tiny model built in memory)"
+    )
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--selection", default="unet")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from diffimmune.models.diffusion_model import DiffusionModel, quiet_libraries
 from diffimmune.models.tiny import build_tiny_pipeline
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("DIFFIMMUNE_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +39,17 @@ def tiny_model(tiny_sd_dir):
 @pytest.fixture
 def tiny_pixel_model(tiny_pixel_dir):
     return DiffusionModel.from_pretrained(tiny_pixel_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def fast_world(tmp_path_factory):
+    """The fast preset of the embedded default, built once per test session (about a minute)."""
+    from diffimmune.recipes.world_build import build_world
+
+    root = tmp_path_factory.mktemp("cache")
+    return root, build_world("fast", root=root, progress=False, log=lambda message: None)
+
+
+@pytest.fixture
+def world_model(fast_world):
+    return DiffusionModel.from_pretrained(fast_world[1].model_dir, device="cpu")

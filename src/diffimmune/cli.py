@@ -214,7 +214,35 @@ def info(
         )
 
 
-world_app = typer.Typer(help="The embedded default: a generated concept world and a tiny model trained on it.")
+@app.command()
+@user_errors
+def attack(
+    model: ModelOption,
+    config: Annotated[Path, typer.Option("--config", "-c", help="attack YAML/JSON (AttackConfig)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="attack folder")],
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
+    ] = True,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available)")] = None,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Fine-tune a model like an adversary; the attacked tensors are saved at every save_at step."""
+    from diffimmune.attacks.runner import load_attack_config, run_attack
+    from diffimmune.data.sources import model_world
+    from diffimmune.files import ensure_writable_folder
+
+    attack_config = load_attack_config(config)
+    ensure_writable_folder(out, "attack folder")
+    diffusion_model = load_model(model, allow_pickle, trust_remote_code, device)
+    run = run_attack(diffusion_model, attack_config, out, resume=resume, world=model_world(diffusion_model))
+    steps = ", ".join(str(s) for s in run.checkpoints)
+    console.print(f"attack {attack_config.method}: saved steps {steps} in {out}", highlight=False)
+
+
+world_app = typer.Typer(
+    help="The embedded default: a generated concept world and a tiny model trained on it."
+)
 base_app = typer.Typer(help="Pre-train the tiny text-to-image model on any captioned image folder.")
 app.add_typer(world_app, name="world")
 app.add_typer(base_app, name="base")
@@ -223,9 +251,15 @@ app.add_typer(base_app, name="base")
 @world_app.command("build")
 @user_errors
 def world_build(
-    preset: Annotated[str, typer.Option(help="fast (tests, ~2 min) or default (the quality bar)")] = "default",
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="train again from scratch instead of using cache/shipped")] = False,
-    cache: Annotated[Path | None, typer.Option(help="cache folder (default: $DIFFIMMUNE_CACHE or ~/.cache/diffimmune)")] = None,
+    preset: Annotated[
+        str, typer.Option(help="fast (tests, ~2 min) or default (the quality bar)")
+    ] = "default",
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="train again from scratch instead of using cache/shipped")
+    ] = False,
+    cache: Annotated[
+        Path | None, typer.Option(help="cache folder (default: $DIFFIMMUNE_CACHE or ~/.cache/diffimmune)")
+    ] = None,
     export: Annotated[Path | None, typer.Option(help="also copy the finished model folder here")] = None,
 ):
     """Generate the concept world, train its detector and pre-train the tiny model (cached, resumable)."""
@@ -236,24 +270,32 @@ def world_build(
     from diffimmune.recipes.world_build import EXTRA_FOLDER, build_world
 
     began = time.perf_counter()
-    build = build_world(preset, root=cache, rebuild=rebuild, log=lambda m: error_console.print(m, highlight=False))
+    build = build_world(
+        preset, root=cache, rebuild=rebuild, log=lambda m: error_console.print(m, highlight=False)
+    )
     console.print((build.model_dir / EXTRA_FOLDER / "quality.md").read_text(), highlight=False)
     if export is not None:
         with atomic_folder(export) as temporary:
             shutil.copytree(build.model_dir, temporary, dirs_exist_ok=True)
         console.print(f"exported to {export}")
     state = "built" if build.built_now else "found (cached)"
-    console.print(f"world model {state}: {build.model_dir}  [{time.perf_counter() - began:.1f} s]", highlight=False)
+    console.print(
+        f"world model {state}: {build.model_dir}  [{time.perf_counter() - began:.1f} s]", highlight=False
+    )
 
 
 @base_app.command("train")
 @user_errors
 def base_train(
-    data: Annotated[Path, typer.Option(help="image folder with metadata.jsonl or metadata.csv (file_name, text)")],
+    data: Annotated[
+        Path, typer.Option(help="image folder with metadata.jsonl or metadata.csv (file_name, text)")
+    ],
     out: Annotated[Path, typer.Option(help="run folder; the model lands in OUT/model")],
     preset: Annotated[str, typer.Option(help="model size and steps: fast or default")] = "default",
     steps: Annotated[int | None, typer.Option(min=1, help="override the denoiser's training steps")] = None,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")] = True,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
+    ] = True,
 ):
     """Pre-train the tiny text-to-image model (tokenizer, VAE, text encoder, UNet) on a captioned folder."""
     from diffimmune.data.concepts import ConceptSet

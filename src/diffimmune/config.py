@@ -76,3 +76,43 @@ def load_config(path: str | Path, model_type: type[Model]) -> Model:
     if not isinstance(data, dict):
         raise DiffImmuneError(f"{path} must hold a mapping of settings at the top level")
     return validate_config(data, model_type, str(path))
+
+
+ATTACK_METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "full", "benign")
+
+
+class AttackConfig(StrictModel):
+    """One fine-tuning attack. The same schema drives the CLI, the evaluation sweeps and ResAlign's
+    sampler of simulated fine-tunes."""
+
+    method: Literal["lora", "dreambooth", "textual_inversion", "custom_diffusion", "full", "benign"]
+    learning_rate: float = Field(gt=0)
+    steps: int = Field(default=400, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    rank: int = Field(default=4, gt=0)
+    alpha: float | None = Field(default=None, gt=0)
+    lora_targets: str = "attn"
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    data: str = Field(description="world:<concept>, world:shape!=a,b, FOLDER or FOLDER::<concept>")
+    num_images: int = Field(default=20, gt=0)
+    prompt: str | None = Field(
+        default=None, description="template with {token} and label fields; None: captions"
+    )
+    token: str = "sks"
+    init_token: str | None = None
+    prior_preservation: bool = False
+    class_prompt: str | None = None
+    num_class_images: int = Field(default=20, gt=0)
+    prior_weight: float = Field(default=1.0, ge=0)
+    benign_method: Literal["full", "lora"] = "lora"
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+    save_at: list[int] = [0, 50, 100, 200, 400]
+
+    @property
+    def adapter_name(self) -> str:
+        return self.benign_method if self.method == "benign" else self.method
+
+    def checkpoints(self) -> list[int]:
+        """The saved steps that this run reaches, always including 0 and the last."""
+        return sorted({0, self.steps, *(s for s in self.save_at if 0 <= s <= self.steps)})

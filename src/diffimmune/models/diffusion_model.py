@@ -366,33 +366,18 @@ class DiffusionModel:
     ) -> Path:
         """Store the tensors that differ from `reference` (a `snapshot` taken before the change) as
         safetensors, with a manifest naming the base model, what changed and the hashes of both sides."""
-        from safetensors.torch import save_file
-
-        from diffimmune import __version__
-
         named = self.named_parameters()
-        changed = {
-            n: named[n].detach().cpu().contiguous()
-            for n in reference
-            if not torch.equal(named[n], reference[n])
-        }
-        manifest = {
-            "format": DELTA_FORMAT,
-            "diffimmune_version": __version__,
-            "base_model": self.source,
-            "method": method,
-            "selection": selection,
-            "hyperparameters": hyperparameters or {},
-            "changed": sorted(changed),
-            "base_sha256": {n: tensor_sha256(reference[n]) for n in sorted(changed)},
-            "sha256": {n: tensor_sha256(v) for n, v in sorted(changed.items())},
-            **(extra or {}),
-        }
-        target = Path(directory)
-        with atomic_folder(target) as temporary:
-            save_file(changed, str(temporary / "delta.safetensors"), metadata={"format": DELTA_FORMAT})
-            (temporary / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        return target
+        changed = {n: named[n] for n in reference if not torch.equal(named[n], reference[n])}
+        return write_delta(
+            directory,
+            changed,
+            reference,
+            base_model=self.source,
+            method=method,
+            selection=selection,
+            hyperparameters=hyperparameters,
+            extra=extra,
+        )
 
     def load_delta(self, directory: str | os.PathLike, check_base: bool = True) -> dict:
         """Apply a delta written by `save_delta` to this model in place; return its manifest."""
@@ -448,3 +433,40 @@ def read_delta_manifest(directory: str | os.PathLike) -> dict:
     if manifest.get("format") != DELTA_FORMAT:
         raise DiffImmuneError(f"{path} has format {manifest.get('format')!r}, expected {DELTA_FORMAT!r}")
     return manifest
+
+
+def write_delta(
+    directory: str | os.PathLike,
+    changed: dict[str, Tensor],
+    base_values: dict[str, Tensor],
+    *,
+    base_model: str,
+    method: str = "",
+    selection: str = "",
+    hyperparameters: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write changed tensors (by qualified name) and a manifest with the hashes of the new values and
+    of the base values they replace, atomically."""
+    from safetensors.torch import save_file
+
+    from diffimmune import __version__
+
+    values = {n: t.detach().cpu().contiguous() for n, t in changed.items()}
+    manifest = {
+        "format": DELTA_FORMAT,
+        "diffimmune_version": __version__,
+        "base_model": base_model,
+        "method": method,
+        "selection": selection,
+        "hyperparameters": hyperparameters or {},
+        "changed": sorted(values),
+        "base_sha256": {n: tensor_sha256(base_values[n]) for n in sorted(values)},
+        "sha256": {n: tensor_sha256(v) for n, v in sorted(values.items())},
+        **(extra or {}),
+    }
+    target = Path(directory)
+    with atomic_folder(target) as temporary:
+        save_file(values, str(temporary / "delta.safetensors"), metadata={"format": DELTA_FORMAT})
+        (temporary / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return target

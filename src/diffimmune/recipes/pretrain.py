@@ -54,7 +54,12 @@ class PretrainConfig(StrictModel):
     vae_batch_size: int = 32
     kl_weight: float = 1e-6
     train: TrainConfig = TrainConfig(
-        steps=6000, learning_rate=8e-4, lr_schedule="cosine", warmup_steps=300, checkpoint_every=250, log_every=50
+        steps=6000,
+        learning_rate=8e-4,
+        lr_schedule="cosine",
+        warmup_steps=300,
+        checkpoint_every=250,
+        log_every=50,
     )
     batch_size: int = 32
     cfg_dropout: float = Field(default=0.1, ge=0, le=1)
@@ -66,7 +71,9 @@ def caption_words(prompts: Sequence[str]) -> list[str]:
 
 
 def build_tokenizer(config: TinyModelConfig, words: Sequence[str]):
-    return tiny.build_word_tokenizer(words, max_length=config.max_prompt_length, spare_tokens=config.spare_tokens)
+    return tiny.build_word_tokenizer(
+        words, max_length=config.max_prompt_length, spare_tokens=config.spare_tokens
+    )
 
 
 # ----------------------------------------------------------------------------- the autoencoder
@@ -79,7 +86,9 @@ def train_vae(images: torch.Tensor, config: PretrainConfig, out_dir: Path, resum
     if (done / "config.json").is_file():
         return AutoencoderKL.from_pretrained(done, use_safetensors=True)
     torch.manual_seed(config.model.seed)
-    vae = tiny.build_vae(config.model.latent_channels, config.model.vae_channels, config.model.norm_num_groups)
+    vae = tiny.build_vae(
+        config.model.latent_channels, config.model.vae_channels, config.model.norm_num_groups
+    )
     vae.train()
     params = dict(vae.named_parameters())
 
@@ -94,10 +103,23 @@ def train_vae(images: torch.Tensor, config: PretrainConfig, out_dir: Path, resum
         loss = error.abs().mean() + error.pow(2).mean() + config.kl_weight * kl
         return loss, {"kl": float(kl.detach())}
 
-    train(params, step_fn, config.vae_train, out_dir / "vae_run", resume=resume, progress=progress, description="autoencoder")
+    train(
+        params,
+        step_fn,
+        config.vae_train,
+        out_dir / "vae_run",
+        resume=resume,
+        progress=progress,
+        description="autoencoder",
+    )
     vae.eval()
     with torch.no_grad():
-        sample = torch.cat([vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, min(len(images), 2048), 256)])
+        sample = torch.cat(
+            [
+                vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean
+                for i in range(0, min(len(images), 2048), 256)
+            ]
+        )
     vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
     with atomic_folder(done) as temporary:
         vae.save_pretrained(temporary, safe_serialization=True)
@@ -106,7 +128,9 @@ def train_vae(images: torch.Tensor, config: PretrainConfig, out_dir: Path, resum
 
 @torch.no_grad()
 def encode_dataset(model: DiffusionModel, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([model.encode_images(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [model.encode_images(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    )
 
 
 # ----------------------------------------------------------------------------- the denoiser
@@ -174,7 +198,9 @@ def pretrain(
     def step_fn(values, step, generator):
         index = torch.randint(0, len(latents), (config.batch_size,), generator=generator)
         dropped = torch.rand(config.batch_size, generator=generator) < config.cfg_dropout
-        batch_prompts = ["" if drop else prompts[i] for i, drop in zip(index.tolist(), dropped.tolist(), strict=True)]
+        batch_prompts = [
+            "" if drop else prompts[i] for i, drop in zip(index.tolist(), dropped.tolist(), strict=True)
+        ]
         batch = Batch(x0=latents[index], prompts=batch_prompts)
         return diffusion_loss(model, values, batch, generator, snr_gamma=config.snr_gamma)
 

@@ -62,10 +62,17 @@ def preset_config(preset: str) -> WorldBuildConfig:
             num_images=1500,
             classifier_steps=150,
             pretrain=PretrainConfig(
-                model=TinyModelConfig(unet_channels=(32, 64), attention_levels=(False, True), vae_channels=(16, 32)),
+                model=TinyModelConfig(
+                    unet_channels=(32, 64), attention_levels=(False, True), vae_channels=(16, 32)
+                ),
                 vae_train=TrainConfig(steps=60, learning_rate=2e-3, checkpoint_every=30, log_every=10),
                 train=TrainConfig(
-                    steps=150, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=20, checkpoint_every=50, log_every=10
+                    steps=150,
+                    learning_rate=1e-3,
+                    lr_schedule="cosine",
+                    warmup_steps=20,
+                    checkpoint_every=50,
+                    log_every=10,
                 ),
                 batch_size=16,
                 vae_batch_size=16,
@@ -108,7 +115,15 @@ def quality_prompts(world: WorldConfig, shape: str, count: int, seed: int) -> tu
     return prompts, labels
 
 
-def measure_quality(model, classifier, world: WorldConfig, samples_per_shape: int, steps: int, guidance: float, seed: int = 1234):
+def measure_quality(
+    model,
+    classifier,
+    world: WorldConfig,
+    samples_per_shape: int,
+    steps: int,
+    guidance: float,
+    seed: int = 1234,
+):
     """Per shape: how often the detector finds the prompted shape, style and colour in generations."""
     rows = {}
     for shape_index, shape in enumerate(world.shapes):
@@ -117,12 +132,17 @@ def measure_quality(model, classifier, world: WorldConfig, samples_per_shape: in
         images = model.generate(prompts, seeds=seeds, steps=steps, guidance_scale=guidance)
         predicted = classifier.predict(images)
         rows[shape] = {
-            column: float(np.mean([p == lab[column] for p, lab in zip(predicted[column], labels, strict=True)]))
+            column: float(
+                np.mean([p == lab[column] for p, lab in zip(predicted[column], labels, strict=True)])
+            )
             for column in ("shape", "style", "colour")
         }
         rows[shape]["held_out"] = shape in world.held_out_shapes
     known = [rows[s] for s in world.known_shapes]
-    summary = {f"{column}_accuracy": float(np.mean([r[column] for r in known])) for column in ("shape", "style", "colour")}
+    summary = {
+        f"{column}_accuracy": float(np.mean([r[column] for r in known]))
+        for column in ("shape", "style", "colour")
+    }
     return {"per_shape": rows, "known": summary, "samples_per_shape": samples_per_shape}
 
 
@@ -146,7 +166,9 @@ def quality_markdown(quality: dict) -> str:
     ]
     for shape, row in quality["per_shape"].items():
         trained = "no (held out)" if row["held_out"] else "yes"
-        lines.append(f"| {shape} | {trained} | {row['shape']:.0%} | {row['style']:.0%} | {row['colour']:.0%} |")
+        lines.append(
+            f"| {shape} | {trained} | {row['shape']:.0%} | {row['style']:.0%} | {row['colour']:.0%} |"
+        )
     known = quality["known"]
     lines += [
         f"| **known shapes** | | **{known['shape_accuracy']:.1%}** | **{known['style_accuracy']:.1%}** "
@@ -158,7 +180,10 @@ def quality_markdown(quality: dict) -> str:
     ]
     if quality.get("curve"):
         lines += ["", "Learning curve (shape / style accuracy on known shapes at checkpoints):", ""]
-        lines += [f"- step {c['step']}: {c['shape_accuracy']:.0%} / {c['style_accuracy']:.0%}" for c in quality["curve"]]
+        lines += [
+            f"- step {c['step']}: {c['shape_accuracy']:.0%} / {c['style_accuracy']:.0%}"
+            for c in quality["curve"]
+        ]
     if quality.get("build_seconds") is not None:
         lines += ["", f"Build time: {quality['build_seconds'] / 60:.1f} min ({quality.get('command', '')})"]
     return "\n".join(lines) + "\n"
@@ -235,10 +260,14 @@ def build_world(
             return
         if any(c["step"] == step for c in curve):
             return
-        measured = measure_quality(model, classifier, config.world, 8, config.sampling_steps, config.guidance_scale)
+        measured = measure_quality(
+            model, classifier, config.world, 8, config.sampling_steps, config.guidance_scale
+        )
         curve.append({"step": step, **measured["known"]})
         write_json_atomic(curve_path, curve)
-        log(f"step {step}: shape {measured['known']['shape_accuracy']:.0%}, style {measured['known']['style_accuracy']:.0%}")
+        log(
+            f"step {step}: shape {measured['known']['shape_accuracy']:.0%}, style {measured['known']['style_accuracy']:.0%}"
+        )
 
     started = time.perf_counter()
     trained_dir = pretrain(
@@ -255,7 +284,12 @@ def build_world(
     model = DiffusionModel.from_pretrained(trained_dir, device="cpu")
     started = time.perf_counter()
     measured = measure_quality(
-        model, classifier, config.world, config.quality_samples_per_shape, config.sampling_steps, config.guidance_scale
+        model,
+        classifier,
+        config.world,
+        config.quality_samples_per_shape,
+        config.sampling_steps,
+        config.guidance_scale,
     )
     timings["quality_s"] = time.perf_counter() - started
     seconds = time.perf_counter() - began
@@ -283,7 +317,13 @@ def build_world(
         (extra / "quality.md").write_text(quality_markdown(quality))
         (extra / "build.json").write_text(
             json.dumps(
-                {"key": config.key(), "preset": preset, "command": command, "seconds": seconds, "config": config.model_dump(mode="json")},
+                {
+                    "key": config.key(),
+                    "preset": preset,
+                    "command": command,
+                    "seconds": seconds,
+                    "config": config.model_dump(mode="json"),
+                },
                 indent=2,
             )
         )
@@ -296,6 +336,8 @@ def world_model_parts(model_dir: str | Path):
 
     extra = Path(model_dir) / EXTRA_FOLDER
     if not (extra / "world.json").is_file():
-        raise DiffImmuneError(f"{model_dir} is not a world model (no {EXTRA_FOLDER}/world.json); run diffimmune world build")
+        raise DiffImmuneError(
+            f"{model_dir} is not a world model (no {EXTRA_FOLDER}/world.json); run diffimmune world build"
+        )
     world = WorldConfig.model_validate_json((extra / "world.json").read_text())
     return world, WorldClassifier.load(extra / "classifier")
