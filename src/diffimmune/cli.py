@@ -66,13 +66,9 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run 
 def load_model(
     model: str, allow_pickle: bool = False, trust_remote_code: bool = False, device: str | None = None
 ):
-    """A diffusers folder / hub id, or a delta folder (loaded onto the base its manifest names)."""
-    from diffimmune.models.diffusion_model import DiffusionModel
+    from diffimmune.models.diffusion_model import load_model as load
 
-    options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "device": device}
-    if (Path(model) / "manifest.json").is_file() and not (Path(model) / "model_index.json").is_file():
-        return DiffusionModel.from_delta(model, **options)
-    return DiffusionModel.from_pretrained(model, **options)
+    return load(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, device=device)
 
 
 @app.command()
@@ -238,6 +234,31 @@ def attack(
     run = run_attack(diffusion_model, attack_config, out, resume=resume, world=model_world(diffusion_model))
     steps = ", ".join(str(s) for s in run.checkpoints)
     console.print(f"attack {attack_config.method}: saved steps {steps} in {out}", highlight=False)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run: Annotated[Path, typer.Option("--run", "-r", help="an attack folder, or a folder of them")],
+    samples: Annotated[int, typer.Option(min=1, help="generations per concept and step")] = 16,
+    steps: Annotated[int, typer.Option(min=1, help="sampling steps")] = 25,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 4.0,
+    target: Annotated[
+        list[str] | None, typer.Option(help="target concept (shape=heart); default: the attack data's")
+    ] = None,
+    other_concepts: Annotated[
+        int | None, typer.Option(help="how many other concepts to check for retention")
+    ] = None,
+    fid: Annotated[bool, typer.Option("--fid/--no-fid", help="FID/KID on the other concepts")] = True,
+):
+    """Compute every metric at every saved attack step; writes RUN/metrics.csv (long format)."""
+    from diffimmune.eval.evaluate import EvalSettings, evaluate_run
+
+    settings = EvalSettings(
+        samples=samples, steps=steps, guidance_scale=guidance_scale, other_concepts=other_concepts, fid=fid
+    )
+    path = evaluate_run(run, settings, target, log=lambda m: error_console.print(m, highlight=False))
+    console.print(f"wrote {path}", highlight=False)
 
 
 world_app = typer.Typer(

@@ -420,6 +420,14 @@ class DiffusionModel:
         return model
 
 
+def load_model(path_or_id: str | os.PathLike, **load_options) -> DiffusionModel:
+    """A diffusers folder or hub id, or a delta folder (applied onto the base its manifest names)."""
+    path = Path(path_or_id)
+    if (path / "manifest.json").is_file() and not (path / "model_index.json").is_file():
+        return DiffusionModel.from_delta(path, **load_options)
+    return DiffusionModel.from_pretrained(path_or_id, **load_options)
+
+
 def read_delta_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory) / "manifest.json"
     if not path.is_file():

@@ -1,0 +1,194 @@
+"""Evaluate attack runs: every metric at every saved attack step, in one long-format table.
+
+For each attack folder (attack.json + steps/), the attacked model is loaded once and each saved step's
+delta applied in turn; generations come from `generate_cached` with the same seeds at every step and for
+every model, so differences are the models'. Rows: model, attack, step, concept, metric, value.
+
+Metrics per step:
+- target concepts (from the attack's data filter or `targets`): `detection` (the detector finds the
+  concept), `similarity_world` (cosine of world-encoder features to reference images of the concept),
+  `best_of_25` (probability that at least one of 25 samples shows it);
+- other known concepts (safe-concept retention): `detection` and `similarity_world` per concept;
+- `fid_world` / `kid_world` of the other concepts' generations against real images of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffimmune.attacks.runner import attack_checkpoints, read_attack
+from diffimmune.data.sources import load_concept_data, model_world, parse_filter
+from diffimmune.errors import DiffImmuneError
+from diffimmune.eval.metrics import (
+    FeatureExtractor,
+    best_of_n_failure,
+    cosine_similarity_to_references,
+    fid_kid,
+)
+from diffimmune.eval.sampling import generate_cached
+from diffimmune.files import atomic_file
+
+COLUMNS = ("model", "attack", "step", "concept", "metric", "value")
+EVAL_SEED = 777
+
+
+@dataclass
+class EvalSettings:
+    samples: int = 16
+    steps: int = 25
+    guidance_scale: float = 4.0
+    references: int = 32
+    other_concepts: int | None = None  # None: every other known shape
+    fid: bool = True
+
+
+def find_attack_folders(run: Path) -> list[Path]:
+    run = Path(run)
+    if not run.is_dir():
+        raise DiffImmuneError(f"run folder {run} does not exist")
+    if (run / "attack.json").is_file():
+        return [run]
+    found = sorted(p.parent for p in run.rglob("attack.json"))
+    if not found:
+        raise DiffImmuneError(f"{run} holds no attack folders (attack.json); run diffimmune attack first")
+    return found
+
+
+def target_concepts(config, targets: list[str] | None) -> list[tuple[str, str]]:
+    """(column, value) pairs: explicit targets, else the attack data's positive world filter."""
+    if targets:
+        return [_single(t) for t in targets]
+    if config.data.startswith("world:"):
+        column, negate, values = parse_filter(config.data.removeprefix("world:"))
+        if not negate:
+            return [(column, v) for v in values]
+    return []
+
+
+def _single(text: str) -> tuple[str, str]:
+    column, negate, values = parse_filter(text)
+    if negate or len(values) != 1:
+        raise DiffImmuneError(f"target '{text}' must name one concept, like shape=heart")
+    return column, values[0]
+
+
+def concept_prompts(world, column: str, value: str, template: str | None, token: str, count: int):
+    """Evaluation prompts for a concept (fixed seed): the attack's template, else world captions."""
+    data = load_concept_data(f"world:{column}={value}", count, seed=EVAL_SEED, world=world)
+    return data.prompts(template, token), data
+
+
+def evaluate_attack(
+    attack_dir: Path, settings: EvalSettings, targets: list[str] | None = None, classifier=None, log=None
+):
+    from diffimmune.eval.encoders import WorldEncoder
+    from diffimmune.models.diffusion_model import load_model
+    from diffimmune.recipes.world_build import world_model_parts
+
+    config, model_source = read_attack(attack_dir)
+    model = load_model(model_source, device="cpu")
+    world = model_world(model)
+    if world is None:
+        raise DiffImmuneError(
+            f"{model_source} is not a world model; evaluation with other encoders is not wired yet"
+        )
+    base_dir = Path(model_source)
+    if not (base_dir / "diffimmune").is_dir():
+        import json
+
+        base_dir = Path(json.loads((base_dir / "manifest.json").read_text())["base_model"])
+    classifier = classifier or world_model_parts(base_dir)[1]
+    encoder = WorldEncoder(classifier)
+    raw_encoder = WorldEncoder(classifier, normalize=False)
+    targets_list = target_concepts(config, targets)
+    target_shapes = {v for c, v in targets_list if c == "shape"}
+    others = [s for s in world.known_shapes if s not in target_shapes][: settings.other_concepts]
+    # Prompts and references are fixed once; every step and every model sees the same ones.
+    plans = []
+    for column, value in targets_list:
+        prompts, data = concept_prompts(world, column, value, config.prompt, config.token, settings.samples)
+        references = load_concept_data(
+            f"world:{column}={value}", settings.references, seed=EVAL_SEED + 1, world=world
+        )
+        plans.append(("target", column, value, prompts, references.images))
+    for shape in others:
+        prompts, data = concept_prompts(world, "shape", shape, None, config.token, settings.samples)
+        plans.append(("other", "shape", shape, prompts, data.images))
+    reference_features = {(c, v): encoder.encode_images(refs) for _, c, v, _, refs in plans}
+    rows = []
+    attack_name = attack_dir.name
+    base_values = {n: t.detach().clone() for n, t in model.named_parameters().items()}
+    for step, folder in attack_checkpoints(attack_dir).items():
+        model.load_parameters(base_values)
+        model.load_delta(folder)
+        other_fakes, other_reals = [], []
+        for kind, column, value, prompts, references in plans:
+            seeds = [EVAL_SEED * 1000 + i for i in range(len(prompts))]
+            images = generate_cached(
+                model, prompts, seeds, folder / "samples", settings.steps, settings.guidance_scale
+            )
+            detected = [p == value for p in classifier.predict(images)[column]]
+            similarity = cosine_similarity_to_references(
+                encoder.encode_images(images), reference_features[(column, value)]
+            )
+            concept = f"{column}={value}"
+            base = {"model": model_source, "attack": attack_name, "step": step, "concept": concept}
+            rows.append({**base, "metric": "detection", "value": float(np.mean(detected))})
+            rows.append({**base, "metric": "similarity_world", "value": similarity})
+            if kind == "target":
+                rows.append(
+                    {**base, "metric": "best_of_25", "value": best_of_n_failure(detected, n=25).failure_rate}
+                )
+            else:
+                other_fakes.append(images)
+                other_reals.append(references)
+        if settings.fid and other_fakes:
+            scores = fid_kid(
+                torch.cat(other_reals), torch.cat(other_fakes), FeatureExtractor(raw_encoder.encode_images)
+            )
+            base = {"model": model_source, "attack": attack_name, "step": step, "concept": "safe"}
+            rows.append({**base, "metric": "fid_world", "value": scores["fid"]})
+            rows.append({**base, "metric": "kid_world", "value": scores["kid_mean"]})
+        if log is not None:
+            summary = ", ".join(
+                f"{r['concept']} {r['value']:.0%}"
+                for r in rows
+                if r["step"] == step and r["metric"] == "detection" and r["attack"] == attack_name
+            )
+            log(f"{attack_name} step {step}: detection {summary}")
+    return rows
+
+
+def write_metrics_csv(rows: list[dict], path: Path) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_file(path) as temporary:
+        temporary.write_text(buffer.getvalue())
+    return path
+
+
+def read_metrics_csv(path: Path) -> list[dict]:
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["step"] = int(row["step"])
+        row["value"] = float(row["value"])
+    return rows
+
+
+def evaluate_run(
+    run: Path, settings: EvalSettings | None = None, targets: list[str] | None = None, log=None
+) -> Path:
+    settings = settings or EvalSettings()
+    rows = []
+    for folder in find_attack_folders(run):
+        rows.extend(evaluate_attack(folder, settings, targets, log=log))
+    return write_metrics_csv(rows, Path(run) / "metrics.csv")
