@@ -106,3 +106,21 @@ def test_cli_base_train_names_a_folder_without_metadata(tmp_path):
     )
     assert result.exit_code == 2
     assert "no metadata.jsonl or metadata.csv" in result.stderr
+
+
+def test_shipping_halves_the_weights_and_remeasures_quality(fast_world, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffimmune.recipes.world_build import ship_world
+
+    _, build = fast_world
+    shipped = ship_world(build.model_dir, tmp_path / "shipped", log=lambda message: None)
+    weights = load_file(str(shipped / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(t.dtype == torch.float16 for t in weights.values())
+    model = DiffusionModel.from_pretrained(shipped, device="cpu")
+    assert model.unet.dtype == torch.float32 and model.text_encoder.dtype == torch.float32
+    quality = json.loads((shipped / EXTRA_FOLDER / "quality.json").read_text())
+    assert quality["shipped"].startswith("float16")
+    size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
+    original = sum(p.stat().st_size for p in build.model_dir.rglob("*") if p.is_file())
+    assert size < 0.7 * original

@@ -261,6 +261,27 @@ def evaluate(
     console.print(f"wrote {path}", highlight=False)
 
 
+@app.command()
+@user_errors
+def report(
+    run: Annotated[Path, typer.Argument(help="a run folder holding metrics.csv and attack folders")],
+    title: Annotated[str | None, typer.Option(help="the report's title (default: the folder's name)")] = None,
+    reference_model: Annotated[
+        str | None,
+        typer.Option(
+            "--reference-model",
+            help="part of the model path without immunization, for the gap ratios "
+            "(default: the one model without 'immun' in its path)",
+        ),
+    ] = None,
+):
+    """Write RUN/report.md and a self-contained RUN/report.html: tables, curves, gap ratios, samples."""
+    from diffimmune.report.report import write_report
+
+    markdown, html = write_report(run, title=title, reference_model=reference_model)
+    console.print(f"wrote {markdown} and {html}", highlight=False)
+
+
 world_app = typer.Typer(
     help="The embedded default: a generated concept world and a tiny model trained on it."
 )
@@ -303,6 +324,23 @@ def world_build(
     console.print(
         f"world model {state}: {build.model_dir}  [{time.perf_counter() - began:.1f} s]", highlight=False
     )
+
+
+@world_app.command("ship")
+@user_errors
+def world_ship(
+    model_dir: Annotated[Path, typer.Argument(help="a built world model folder (world build prints it)")],
+    destination: Annotated[
+        Path | None, typer.Option(help="default: the package's assets/world-<preset>")
+    ] = None,
+):
+    """Copy a built world model into the package assets in float16 and re-measure its quality table."""
+    from diffimmune.recipes.world_build import ship_world
+
+    if not (model_dir / "diffimmune" / "build.json").is_file():
+        raise DiffImmuneError(f"{model_dir} is not a built world model (no diffimmune/build.json)")
+    shipped = ship_world(model_dir, destination, log=lambda m: console.print(m, highlight=False))
+    console.print((shipped / "diffimmune" / "quality.md").read_text(), highlight=False)
 
 
 @base_app.command("train")

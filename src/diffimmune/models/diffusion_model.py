@@ -37,6 +37,13 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def dtype_keyword() -> str:
+    """diffusers renamed `torch_dtype` to `dtype` (the old name now warns); use what this version knows."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -109,8 +116,9 @@ class DiffusionModel:
         text = str(path_or_id)
         path = Path(text).expanduser()
         kwargs: dict = {"trust_remote_code": trust_remote_code}
-        if dtype is not None:
-            kwargs["torch_dtype"] = dtype
+        # float32 unless asked otherwise: a folder stored in float16 (like the shipped world model) is
+        # upcast whole, text encoder included, which transformers would otherwise leave in float16.
+        kwargs[dtype_keyword()] = dtype or torch.float32
         kwargs["use_safetensors"] = None if allow_pickle else True
         if path.exists() or not looks_like_hub_id(text):
             index = check_model_folder(path, allow_pickle)

@@ -341,3 +341,45 @@ def world_model_parts(model_dir: str | Path):
         )
     world = WorldConfig.model_validate_json((extra / "world.json").read_text())
     return world, WorldClassifier.load(extra / "classifier")
+
+
+def ship_world(model_dir: str | Path, destination: str | Path | None = None, log=print) -> Path:
+    """Copy a built world model into the package assets with its weights in float16 (half the size;
+    loading upcasts to float32), then re-measure the quality table on exactly the shipped weights."""
+    from safetensors.torch import load_file, save_file
+
+    from diffimmune.eval.classifier import WorldClassifier
+    from diffimmune.models.diffusion_model import DiffusionModel
+
+    source = Path(model_dir)
+    record = json.loads((source / EXTRA_FOLDER / "build.json").read_text())
+    destination = Path(destination or ASSETS / f"world-{record['preset']}")
+    with atomic_folder(destination) as temporary:
+        shutil.copytree(source, temporary, dirs_exist_ok=True)
+        for component in ("unet", "text_encoder", "vae"):
+            for weights in (temporary / component).glob("*.safetensors"):
+                tensors = {
+                    n: t.half() if t.is_floating_point() else t for n, t in load_file(str(weights)).items()
+                }
+                save_file(tensors, str(weights), metadata={"format": "pt"})
+    config = WorldBuildConfig.model_validate(record["config"])
+    model = DiffusionModel.from_pretrained(destination, device="cpu")
+    classifier = WorldClassifier.load(destination / EXTRA_FOLDER / "classifier")
+    quality = load_world_quality(destination)
+    measured = measure_quality(
+        model,
+        classifier,
+        config.world,
+        config.quality_samples_per_shape,
+        config.sampling_steps,
+        config.guidance_scale,
+    )
+    quality.update(measured)
+    quality["bars"]["shape"] = measured["known"]["shape_accuracy"] >= QUALITY_BARS["shape_accuracy"]
+    quality["bars"]["style"] = measured["known"]["style_accuracy"] >= QUALITY_BARS["style_accuracy"]
+    quality["shipped"] = "float16 weights; table measured on them"
+    write_json_atomic(destination / EXTRA_FOLDER / "quality.json", quality)
+    (destination / EXTRA_FOLDER / "quality.md").write_text(quality_markdown(quality))
+    size = sum(p.stat().st_size for p in destination.rglob("*") if p.is_file())
+    log(f"shipped {destination} ({size / 1e6:.1f} MB)")
+    return destination
