@@ -264,7 +264,9 @@ def evaluate(
 @app.command()
 @user_errors
 def report(
-    run: Annotated[Path, typer.Argument(help="a run folder holding metrics.csv and attack folders")],
+    run: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="a run folder holding metrics.csv and attack folders")
+    ],
     title: Annotated[str | None, typer.Option(help="the report's title (default: the folder's name)")] = None,
     reference_model: Annotated[
         str | None,
@@ -275,7 +277,7 @@ def report(
         ),
     ] = None,
 ):
-    """Write RUN/report.md and a self-contained RUN/report.html: tables, curves, gap ratios, samples."""
+    """Write RUN_DIR/report.md and a self-contained RUN_DIR/report.html: tables, curves, gap ratios, samples."""
     from diffimmune.report.report import write_report
 
     markdown, html = write_report(run, title=title, reference_model=reference_model)

@@ -25,7 +25,7 @@ from pathlib import Path, PurePath
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from diffimmune.errors import DiffImmuneError
 from diffimmune.eval.metrics import msgr, sgr
@@ -50,6 +50,7 @@ SAFE_CONCEPT = "safe"  # the concept of the FID/KID rows
 CURVE_METRICS = ("detection", "similarity_world", "best_of_25")
 RATE_METRICS = ("detection", "best_of_25")
 IMMUNIZED_MARK = "immun"
+PROJECT_NAME = "diffimmune"
 MISSING = "—"
 
 Key = tuple[str, str]  # (model, attack) as in the CSV's columns
@@ -285,13 +286,20 @@ def _reference(models: list[str], reference_model: str | None) -> tuple[str | No
             f"--reference-model '{reference_model}' matches {len(matches)} of the models "
             f"({', '.join(models)}); it must match exactly one"
         )
-    plain = [m for m in models if IMMUNIZED_MARK not in m.lower()]
+    plain = [m for m in models if not looks_immunized(m)]
     if len(plain) == 1:
         return plain[0], None
+    found = "every model path has" if not plain else f"{len(plain)} model paths lack"
     return None, (
-        f"{len(plain)} of the models ({', '.join(models)}) have no '{IMMUNIZED_MARK}' in their path, so "
-        "none is known to be the one without immunization; name it with --reference-model"
+        f"{found} '{IMMUNIZED_MARK}' in it ({', '.join(models)}), so none is known to be the one without "
+        "immunization; name it with --reference-model"
     )
+
+
+def looks_immunized(model: str) -> bool:
+    """'immun' in the path, not counting the project's own name: world models live under
+    ~/.cache/diffimmune/, which would otherwise mark every one of them."""
+    return IMMUNIZED_MARK in model.lower().replace(PROJECT_NAME, "")
 
 
 def gap_ratios(
@@ -502,9 +510,13 @@ def sample_grid(attack: AttackFolder, columns: int = GRID_COLUMNS) -> tuple[Imag
     canvas = Image.new("RGB", (grid.width + label_width, grid.height), "white")
     canvas.paste(grid, (label_width, 0))
     draw = ImageDraw.Draw(canvas)
+    try:
+        font = ImageFont.load_default(size=14)
+    except (ImportError, OSError, TypeError):  # Pillow without FreeType: the small bitmap font
+        font = ImageFont.load_default()
     for row, (step, _) in enumerate(rows):
         middle = padding + row * (size[1] + padding) + size[1] // 2
-        draw.text((6, middle), f"step {step}", fill="black", anchor="lm")
+        draw.text((6, middle), f"step {step}", fill="black", font=font, anchor="lm")
     return canvas, [step for step, _ in rows]
 
 
@@ -821,6 +833,11 @@ def write_report(
     if not run_dir.is_dir():
         raise DiffImmuneError(f"run folder {run_dir} does not exist")
     metrics = read_run_metrics(run_dir)
+    if reference_model is not None and not any(reference_model in m for m in metrics.models):
+        raise DiffImmuneError(
+            f"--reference-model '{reference_model}' matches none of the models in {METRICS_FILE}: "
+            f"{', '.join(metrics.models)}"
+        )
     attacks = find_attack_folders(run_dir)
     title = title or f"diffimmune report: {run_dir.resolve().name}"
     models = sorted(set(metrics.models) | {a.model for a in attacks if a.model})
