@@ -73,3 +73,12 @@ def atomic_file(target: str | os.PathLike):
 def write_json_atomic(path: str | os.PathLike, data) -> None:
     with atomic_file(path) as temporary:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def read_json(path: str | os.PathLike, fix: str):
+    """Parse a JSON file; a syntax error names the file, the problem and `fix`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DiffImmuneError(f"{path} is not valid JSON ({error.msg}); {fix}") from None

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from diffimmune.errors import DiffImmuneError
-from diffimmune.files import atomic_folder
+from diffimmune.files import atomic_folder, read_json
 from diffimmune.models.loading import check_model_folder, check_safetensors_file, looks_like_hub_id
 
 COMPONENT_PREFIXES = ("unet.", "text_encoder.")
@@ -442,10 +442,7 @@ def read_delta_manifest(directory: str | os.PathLike) -> dict:
         raise DiffImmuneError(
             f"{directory} is not a diffimmune delta (no manifest.json); pass a folder save_delta wrote"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DiffImmuneError(f"{path} is not valid JSON ({error.msg}); re-export the delta") from None
+    manifest = read_json(path, "re-export the delta")
     if manifest.get("format") != DELTA_FORMAT:
         raise DiffImmuneError(f"{path} has format {manifest.get('format')!r}, expected {DELTA_FORMAT!r}")
     return manifest

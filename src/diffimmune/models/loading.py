@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from diffimmune.errors import DiffImmuneError
+from diffimmune.files import read_json
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 SINGLE_FILE_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors")
@@ -62,10 +63,7 @@ def check_model_folder(path: Path, allow_pickle: bool) -> dict:
         raise DiffImmuneError(
             f"{path} is not a diffusers model (no model_index.json); pass a folder written by save_pretrained"
         )
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as error:
-        raise DiffImmuneError(f"{index_path} is not valid JSON ({error.msg}); re-export the model") from None
+    index = read_json(index_path, "re-export the model")
     for component, spec in index.items():
         if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue

@@ -146,6 +146,18 @@ def measure_quality(
     return {"per_shape": rows, "known": summary, "samples_per_shape": samples_per_shape}
 
 
+def measure_build_quality(model, classifier, config: WorldBuildConfig) -> dict:
+    """The quality table with the build's own sampling settings."""
+    return measure_quality(
+        model,
+        classifier,
+        config.world,
+        config.quality_samples_per_shape,
+        config.sampling_steps,
+        config.guidance_scale,
+    )
+
+
 QUALITY_BARS = {"classifier_shape_accuracy": 0.97, "shape_accuracy": 0.90, "style_accuracy": 0.80}
 
 
@@ -283,14 +295,7 @@ def build_world(
 
     model = DiffusionModel.from_pretrained(trained_dir, device="cpu")
     started = time.perf_counter()
-    measured = measure_quality(
-        model,
-        classifier,
-        config.world,
-        config.quality_samples_per_shape,
-        config.sampling_steps,
-        config.guidance_scale,
-    )
+    measured = measure_build_quality(model, classifier, config)
     timings["quality_s"] = time.perf_counter() - started
     seconds = time.perf_counter() - began
     command = f"diffimmune world build --preset {preset} --rebuild"
@@ -366,14 +371,7 @@ def ship_world(model_dir: str | Path, destination: str | Path | None = None, log
     model = DiffusionModel.from_pretrained(destination, device="cpu")
     classifier = WorldClassifier.load(destination / EXTRA_FOLDER / "classifier")
     quality = load_world_quality(destination)
-    measured = measure_quality(
-        model,
-        classifier,
-        config.world,
-        config.quality_samples_per_shape,
-        config.sampling_steps,
-        config.guidance_scale,
-    )
+    measured = measure_build_quality(model, classifier, config)
     quality.update(measured)
     quality["bars"]["shape"] = measured["known"]["shape_accuracy"] >= QUALITY_BARS["shape_accuracy"]
     quality["bars"]["style"] = measured["known"]["style_accuracy"] >= QUALITY_BARS["style_accuracy"]

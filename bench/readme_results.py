@@ -1,0 +1,97 @@
+"""Regenerate the README's results table from the benchmarks' saved outputs (bench/results/) and the
+shipped world model's quality table, between the `results:start` / `results:end` markers.
+
+    python bench/readme_results.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+WORLD = ROOT / "src" / "diffimmune" / "assets" / "world-default" / "diffimmune" / "quality.json"
+
+
+def find(pattern: str, file: str) -> str:
+    path = RESULTS / file
+    if not path.is_file():
+        return "not run"
+    match = re.search(pattern, path.read_text())
+    return match.group(1) if match else "not found"
+
+
+def main() -> None:
+    rows = [("benchmark", "measured", "target", "source")]
+    rows.append(
+        (
+            "diffusion loss via functional_call / module forward+backward (tiny model, CPU)",
+            find(r"ratio functional / module\s+([\d.]+)", "objective.txt"),
+            "<= 1.05",
+            "bench/objective.py",
+        )
+    )
+    if WORLD.is_file():
+        quality = json.loads(WORLD.read_text())
+        known = quality["known"]
+        rows.append(
+            (
+                "world detector shape accuracy (held-out world images)",
+                f"{quality['classifier']['shape_accuracy']:.1%}",
+                ">= 97%",
+                "world build",
+            )
+        )
+        rows.append(
+            (
+                "world model: prompted shape found in its generations",
+                f"{known['shape_accuracy']:.1%}",
+                ">= 90%",
+                "world build",
+            )
+        )
+        rows.append(
+            (
+                "world model: prompted style found in its generations",
+                f"{known['style_accuracy']:.1%}",
+                ">= 80%",
+                "world build",
+            )
+        )
+    rows.append(
+        (
+            "sampling throughput, world model, 25 DDIM steps + CFG",
+            find(r"-> ([\d.]+ images/s)", "eval_speed.txt"),
+            "",
+            "bench/eval_speed.py",
+        )
+    )
+    rows.append(
+        (
+            "full evaluation of one attack run (3 saved steps)",
+            find(r"FID/KID\): ([\d.]+ s)", "eval_speed.txt"),
+            "",
+            "bench/eval_speed.py",
+        )
+    )
+    table = "\n".join("| " + " | ".join(row) + " |" for row in rows[:1])
+    table += "\n|---|---|---|---|\n" + "\n".join("| " + " | ".join(row) + " |" for row in rows[1:])
+    curves = RESULTS / "attack_curves.md"
+    if curves.is_file():
+        table += "\n\n" + curves.read_text().strip()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    text = re.sub(
+        r"<!-- results:start -->.*<!-- results:end -->",
+        f"<!-- results:start -->\n{table}\n<!-- results:end -->",
+        text,
+        flags=re.S,
+    )
+    readme.write_text(text)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
