@@ -52,3 +52,36 @@ def test_erased_concepts_map_to_their_guides_and_preserved_ones_stay(tiny_model)
 def test_mismatched_guides_are_a_clear_error(tiny_model):
     with pytest.raises(DiffImmuneError, match="2 concepts to erase but 3 guides"):
         uce_erase(tiny_model, ["star", "circle"], guide=["a", "b", "c"])
+
+
+def test_cli_erase_writes_a_delta_that_reloads_onto_its_base(tiny_sd_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffimmune.cli import app
+    from diffimmune.models.diffusion_model import DiffusionModel, read_delta_manifest
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "erase",
+            "--model",
+            str(tiny_sd_dir),
+            "--concepts",
+            "star,circle",
+            "--preserve",
+            "square",
+            "--out",
+            str(tmp_path / "erased"),
+            "--export",
+            str(tmp_path / "full"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    manifest = read_delta_manifest(tmp_path / "erased")
+    assert manifest["method"] == "uce" and len(manifest["changed"]) == 8
+    from_delta = DiffusionModel.from_delta(tmp_path / "erased", device="cpu")
+    from_folder = DiffusionModel.from_pretrained(tmp_path / "full", device="cpu")
+    for name in manifest["changed"]:
+        assert torch.equal(from_delta.named_parameters()[name], from_folder.named_parameters()[name])

@@ -284,6 +284,67 @@ def report(
     console.print(f"wrote {markdown} and {html}", highlight=False)
 
 
+def split_list(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+@app.command()
+@user_errors
+def erase(
+    model: ModelOption,
+    concepts: Annotated[str, typer.Option(help="comma-separated concepts to erase (e.g. star,heart)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="delta folder to write")],
+    method: Annotated[str, typer.Option(help="erasure method: uce")] = "uce",
+    guide: Annotated[
+        str, typer.Option(help="guide concept(s) the erased ones map to (comma list or one)")
+    ] = "",
+    preserve: Annotated[str | None, typer.Option(help="comma-separated concepts to preserve")] = None,
+    lamb: Annotated[float, typer.Option(help="UCE regulariser toward the original weights")] = 0.5,
+    erase_scale: Annotated[float, typer.Option(help="UCE erase scale")] = 1.0,
+    preserve_scale: Annotated[float, typer.Option(help="UCE preserve scale")] = 1.0,
+    export: Annotated[Path | None, typer.Option(help="also write a full diffusers folder here")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Erase concepts from a model with a closed-form edit; writes a delta (and optionally a full folder)."""
+    from diffimmune.files import ensure_writable_folder
+    from diffimmune.methods.uce import uce_erase
+
+    if method != "uce":
+        raise DiffImmuneError(f"unknown erasure method '{method}'; available: uce")
+    erase_list = split_list(concepts)
+    guides = split_list(guide) or [""]
+    ensure_writable_folder(out.parent)
+    diffusion_model = load_model(model, allow_pickle, trust_remote_code, device)
+    edited = uce_erase(
+        diffusion_model,
+        erase_list,
+        guides[0] if len(guides) == 1 else guides,
+        split_list(preserve),
+        lamb=lamb,
+        erase_scale=erase_scale,
+        preserve_scale=preserve_scale,
+    )
+    reference = diffusion_model.snapshot(edited)
+    diffusion_model.load_parameters(edited)
+    hyperparameters = {
+        "concepts": erase_list,
+        "guide": guides,
+        "preserve": split_list(preserve),
+        "lamb": lamb,
+        "erase_scale": erase_scale,
+        "preserve_scale": preserve_scale,
+    }
+    diffusion_model.save_delta(
+        out, reference, method="uce", selection="xattn_kv", hyperparameters=hyperparameters
+    )
+    console.print(f"erased {', '.join(erase_list)} with UCE: delta in {out}", highlight=False)
+    if export is not None:
+        diffusion_model.save_pretrained(export)
+        console.print(f"full diffusers folder in {export}", highlight=False)
+
+
 world_app = typer.Typer(
     help="The embedded default: a generated concept world and a tiny model trained on it."
 )
