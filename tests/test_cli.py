@@ -119,8 +119,10 @@ def test_pickle_checkpoint_is_refused_unless_allowed(model_copy):
 
 
 def test_unknown_parameter_selection(tiny_sd_dir):
-    line = assert_one_line_error(invoke("info", tiny_sd_dir, "--selection", "cross_attn"), "cross_attn")
+    result = invoke("info", tiny_sd_dir, "--selection", "cross_attn")
+    line = assert_one_line_error(result, "cross_attn")
     assert "xattn_kv" in line
+    assert result.stdout == ""  # nothing printed before the error
 
 
 def test_unwritable_output_folder(tiny_sd_dir, tmp_path):

@@ -194,6 +194,10 @@ def info(
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Say what a model, delta or run folder holds."""
+    if selection:
+        from diffimmune.models.params import selection_names
+
+        selection_names(selection, [])  # an unknown name fails here, before anything is loaded or printed
     if not path.exists():
         raise DiffImmuneError(f"{path} does not exist; pass a model, delta or run folder")
     if (path / "model_index.json").is_file():
