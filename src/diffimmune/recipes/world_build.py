@@ -94,6 +94,7 @@ class WorldBuild:
     model_dir: Path  # the self-contained diffusers folder
     quality: dict
     built_now: bool
+    origin: str = "built"  # built | cache | shipped
 
     @property
     def classifier_dir(self) -> Path:
@@ -232,13 +233,13 @@ def build_world(
     if rebuild:
         shutil.rmtree(folder, ignore_errors=True)
     if (model_dir / EXTRA_FOLDER / "build.json").is_file():
-        return WorldBuild(folder, model_dir, load_world_quality(model_dir), built_now=False)
+        return WorldBuild(folder, model_dir, load_world_quality(model_dir), built_now=False, origin="cache")
     shipped = None if rebuild else _shipped_asset(config)
     if shipped is not None:
         with atomic_folder(model_dir) as temporary:
             shutil.copytree(shipped, temporary, dirs_exist_ok=True)
         log(f"using the shipped {preset} world model ({shipped})")
-        return WorldBuild(folder, model_dir, load_world_quality(model_dir), built_now=False)
+        return WorldBuild(folder, model_dir, load_world_quality(model_dir), built_now=False, origin="shipped")
 
     began = time.perf_counter()
     timings = {}
