@@ -124,3 +124,16 @@ def test_shipping_halves_the_weights_and_remeasures_quality(fast_world, tmp_path
     size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
     original = sum(p.stat().st_size for p in build.model_dir.rglob("*") if p.is_file())
     assert size < 0.7 * original
+
+
+def test_default_preset_copies_the_shipped_model_which_passes_the_quality_bars(tmp_path):
+    build = build_world("default", root=tmp_path, progress=False, log=lambda message: None)
+    assert build.origin == "shipped" and not build.built_now
+    quality = build.quality
+    assert quality["classifier"]["shape_accuracy"] >= 0.97
+    assert quality["known"]["shape_accuracy"] >= 0.90 and quality["known"]["style_accuracy"] >= 0.80
+    assert all(quality["bars"].values())
+    model = DiffusionModel.from_pretrained(build.model_dir, device="cpu")
+    _, classifier = world_model_parts(build.model_dir)
+    images = model.generate(["a green star in stripes style"] * 8, seeds=list(range(8)))
+    assert classifier.predict(images)["shape"].count("star") >= 7
