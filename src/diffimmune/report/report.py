@@ -365,7 +365,7 @@ MRSGR_NOTE = (
 # ---------------------------------------------------------------------------------------- figures
 def _png_bytes(figure) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return buffer.getvalue()
 
 
