@@ -27,7 +27,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--methods", default=",".join(WORLD_ATTACK_METHODS))
     parser.add_argument("--out", default="runs/attack-curves")
-    parser.add_argument("--learning-rate", type=float, default=None, help="override the presets' learning rate")
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, help="override the presets' learning rate"
+    )
     parser.add_argument("--other-concepts", type=int, default=3, help="other shapes checked for retention")
     args = parser.parse_args()
     quiet_libraries()
@@ -44,7 +46,9 @@ def main() -> None:
         config = world_attack(method, args.concept, args.steps, **overrides)
         run_attack(model, config, out / method, progress=False, world=world)
         print(f"{method}: {time.perf_counter() - started:.0f} s")
-    settings = EvalSettings(samples=args.samples, other_concepts=args.other_concepts, fid=args.other_concepts > 0)
+    settings = EvalSettings(
+        samples=args.samples, other_concepts=args.other_concepts, fid=args.other_concepts > 0
+    )
     rows = read_metrics_csv(evaluate_run(out, settings, targets=[f"shape={args.concept}"], log=print))
     steps = sorted({r["step"] for r in rows})
     print(f"\ndetector rate for shape={args.concept} ({args.samples} samples per step)")

@@ -125,3 +125,13 @@ def test_exported_lora_loads_with_load_lora_weights_and_matches_the_functional_v
         loaded = pipeline.unet(x_t, t, encoder_hidden_states=text).sample
     assert not torch.allclose(functional, plain, atol=1e-4)
     assert torch.allclose(loaded, functional, atol=1e-5)
+
+
+def test_a_placeholder_token_added_later_is_tokenized_with_its_new_id(tiny_model):
+    from diffimmune.adapters.base import add_placeholder_token
+
+    before = tiny_model.tokenize(["a <new> star"])[0, 2].item()
+    new_id = add_placeholder_token(tiny_model, "<new>")
+    assert before == tiny_model.tokenizer.unk_token_id != new_id
+    assert tiny_model.tokenize(["a <new> star"])[0, 2].item() == new_id
+    assert tiny_model.encode_prompts(["a <new> star"]).shape[0] == 1

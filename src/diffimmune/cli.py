@@ -387,7 +387,9 @@ def world_build(
         with atomic_folder(export) as temporary:
             shutil.copytree(build.model_dir, temporary, dirs_exist_ok=True)
         console.print(f"exported to {export}")
-    state = {"built": "built", "cache": "found (cached)", "shipped": "copied from the shipped assets"}[build.origin]
+    state = {"built": "built", "cache": "found (cached)", "shipped": "copied from the shipped assets"}[
+        build.origin
+    ]
     console.print(
         f"world model {state}: {build.model_dir}  [{time.perf_counter() - began:.1f} s]", highlight=False
     )

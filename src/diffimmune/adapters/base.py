@@ -50,6 +50,7 @@ def add_placeholder_token(model, token: str) -> int:
     if token in model.tokenizer.get_vocab():
         return token_id(model, token)
     model.tokenizer.add_tokens([token])
+    model.__dict__.pop("_token_cache", None)  # ids tokenized before the new token are stale
     model.text_encoder.resize_token_embeddings(len(model.tokenizer))
     model.text_encoder.requires_grad_(False)
     return token_id(model, token)

@@ -13,10 +13,10 @@ PERSONALISATION_PROMPT = "a {colour} {token} in {style} style"
 
 def world_attack(method: str, concept: str = "heart", steps: int = 400, **overrides) -> AttackConfig:
     settings = {
-        "lora": {"learning_rate": 1e-3, "rank": 4},
+        "lora": {"learning_rate": 3e-3, "rank": 4},
         "dreambooth": {"learning_rate": 5e-5, "prior_preservation": True, "class_prompt": "a red shape"},
         "textual_inversion": {"learning_rate": 1e-2},
-        "custom_diffusion": {"learning_rate": 1e-3},
+        "custom_diffusion": {"learning_rate": 3e-3},
         "full": {"learning_rate": 5e-5},
         "benign": {"learning_rate": 1e-3, "benign_method": "lora"},
     }[method]

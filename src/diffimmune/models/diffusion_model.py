@@ -222,21 +222,28 @@ class DiffusionModel:
         return int(min(length, positions))
 
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.max_prompt_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return ids.to(self.device)
+        """Token ids [B, L]; each prompt is tokenized once and remembered (training repeats prompts)."""
+        cache = self.__dict__.setdefault("_token_cache", {})
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            if len(cache) > 50_000:
+                cache.clear()
+            ids = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.max_prompt_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            cache.update(zip(missing, ids, strict=True))
+        return torch.stack([cache[p] for p in prompts]).to(self.device)
 
     def encode_prompts(self, prompts: Sequence[str], params: dict[str, Tensor] | None = None) -> Tensor:
         """Text embeddings [B, L, D] as the Stable Diffusion pipeline computes them (last hidden state)."""
         ids = self.tokenize(prompts)
         replaced = strip_prefix(params, "text_encoder.") if params else {}
         if replaced:
-            output = functional_call(self.text_encoder, replaced, (ids,), strict=False)
+            output = functional_call(self.text_encoder, replaced, (ids,), tie_weights=False, strict=False)
         else:
             output = self.text_encoder(ids)
         return output[0]
@@ -287,7 +294,7 @@ class DiffusionModel:
             t = t.expand(x_t.shape[0])
         kwargs = {"encoder_hidden_states": text_embeddings, "return_dict": False}
         if replaced:
-            return functional_call(self.unet, replaced, (x_t, t), kwargs, strict=False)[0]
+            return functional_call(self.unet, replaced, (x_t, t), kwargs, tie_weights=False, strict=False)[0]
         return self.unet(x_t, t, **kwargs)[0]
 
     # ----------------------------------------------------------------- sampling
