@@ -51,7 +51,7 @@ def main() -> None:
     )
     rows = read_metrics_csv(evaluate_run(out, settings, targets=[f"shape={args.concept}"], log=print))
     steps = sorted({r["step"] for r in rows})
-    print(f"\ndetector rate for shape={args.concept} ({args.samples} samples per step)")
+    print(f"\ndetector rate for shape={args.concept} ({args.samples} samples per step)\n")
     print("| attack | " + " | ".join(f"step {s}" for s in steps) + " |")
     print("|---|" + "---|" * len(steps))
     for method in args.methods.split(","):
