@@ -105,7 +105,6 @@ def run_attack(
 
     base = adapter.base_parameters(model)
     state = {n: t.detach().clone() for n, t in adapter.init_state(model, base).items()}
-    saved: dict[int, Path] = {}
     wanted = config.checkpoints()
 
     def save(step: int, values: dict) -> None:
@@ -122,7 +121,6 @@ def run_attack(
         )
         if isinstance(adapter, LoRAAdapter):
             export_diffusers_lora(adapter, values, folder / "lora")
-        saved[step] = folder
 
     if 0 in wanted and not (step_folder(out_dir, 0) / "manifest.json").is_file():
         save(0, state)

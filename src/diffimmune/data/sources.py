@@ -107,19 +107,23 @@ def load_concept_data(
     return folder_data(spec, count, seed, size)
 
 
-def model_world(model):
-    """The WorldConfig stored beside a world model (or beside the base of a delta), else None."""
+def world_model_folder(model) -> Path | None:
+    """The world model folder behind `model` (itself, or the base a delta was made on), else None."""
     import json
-
-    from diffimmune.data.world import WorldConfig
 
     source = Path(model.source)
     candidates = [source]
     manifest = source / "manifest.json"
     if manifest.is_file():
         candidates.append(Path(json.loads(manifest.read_text()).get("base_model", "")))
-    for folder in candidates:
-        path = folder / "diffimmune" / "world.json"
-        if path.is_file():
-            return WorldConfig.model_validate_json(path.read_text())
-    return None
+    return next((folder for folder in candidates if (folder / "diffimmune" / "world.json").is_file()), None)
+
+
+def model_world(model):
+    """The WorldConfig stored beside a world model (or beside the base of a delta), else None."""
+    from diffimmune.data.world import WorldConfig
+
+    folder = world_model_folder(model)
+    if folder is None:
+        return None
+    return WorldConfig.model_validate_json((folder / "diffimmune" / "world.json").read_text())

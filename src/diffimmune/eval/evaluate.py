@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from diffimmune.attacks.runner import attack_checkpoints, read_attack
-from diffimmune.data.sources import load_concept_data, model_world, parse_filter
+from diffimmune.data.sources import load_concept_data, model_world, parse_filter, world_model_folder
 from diffimmune.errors import DiffImmuneError
 from diffimmune.eval.metrics import (
     FeatureExtractor,
@@ -98,12 +98,7 @@ def evaluate_attack(
         raise DiffImmuneError(
             f"{model_source} is not a world model; evaluation with other encoders is not wired yet"
         )
-    base_dir = Path(model_source)
-    if not (base_dir / "diffimmune").is_dir():
-        import json
-
-        base_dir = Path(json.loads((base_dir / "manifest.json").read_text())["base_model"])
-    classifier = classifier or world_model_parts(base_dir)[1]
+    classifier = classifier or world_model_parts(world_model_folder(model))[1]
     encoder = WorldEncoder(classifier)
     raw_encoder = WorldEncoder(classifier, normalize=False)
     targets_list = target_concepts(config, targets)
