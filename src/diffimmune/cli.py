@@ -292,35 +292,95 @@ def split_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+def concept_specs(concepts: str, data: str | None, world) -> list[str]:
+    """`star,heart` -> data strings: world:shape=star on a world model, DATA::shape=star with --data."""
+    specs = []
+    for concept in split_list(concepts):
+        if concept.startswith("world:") or "::" in concept:
+            specs.append(concept)
+        elif data is not None:
+            specs.append(f"{data}::{concept if '=' in concept else 'shape=' + concept}")
+        elif world is not None:
+            specs.append(f"world:{concept if '=' in concept else 'shape=' + concept}")
+        else:
+            raise DiffImmuneError(
+                f"concept '{concept}' needs data: pass --data FOLDER (a captioned image folder with a "
+                "label column) or a data string such as FOLDER::style=vangogh"
+            )
+    if not specs:
+        raise DiffImmuneError("--concepts is empty; name at least one concept (e.g. --concepts star)")
+    return specs
+
+
+def run_immunization(diffusion_model, immunize_config, out: Path, resume: bool, export: Path | None):
+    from diffimmune.data.sources import model_world
+    from diffimmune.methods.common import immunize
+
+    run = immunize(
+        diffusion_model,
+        immunize_config,
+        out,
+        resume=resume,
+        world=model_world(diffusion_model),
+        log=lambda m: console.print(m, highlight=False),
+    )
+    if export is not None:
+        diffusion_model.save_pretrained(export)
+        console.print(f"full diffusers folder in {export}", highlight=False)
+    return run
+
+
 @app.command()
 @user_errors
 def erase(
     model: ModelOption,
     concepts: Annotated[str, typer.Option(help="comma-separated concepts to erase (e.g. star,heart)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="delta folder to write")],
-    method: Annotated[str, typer.Option(help="erasure method: uce")] = "uce",
+    out: Annotated[Path, typer.Option("--out", "-o", help="delta (uce) or run folder (esd) to write")],
+    method: Annotated[str, typer.Option(help="erasure method: uce or esd")] = "uce",
     guide: Annotated[
-        str, typer.Option(help="guide concept(s) the erased ones map to (comma list or one)")
+        str, typer.Option(help="UCE: guide concept(s) the erased ones map to (comma list or one)")
     ] = "",
-    preserve: Annotated[str | None, typer.Option(help="comma-separated concepts to preserve")] = None,
+    preserve: Annotated[str | None, typer.Option(help="UCE: comma-separated concepts to preserve")] = None,
     lamb: Annotated[float, typer.Option(help="UCE regulariser toward the original weights")] = 0.5,
     erase_scale: Annotated[float, typer.Option(help="UCE erase scale")] = 1.0,
     preserve_scale: Annotated[float, typer.Option(help="UCE preserve scale")] = 1.0,
+    variant: Annotated[str, typer.Option(help="ESD: x (cross-attention) or u (the rest)")] = "x",
+    negative_guidance: Annotated[float, typer.Option(help="ESD: eta")] = 1.0,
+    steps: Annotated[int, typer.Option(min=1, help="ESD: training steps")] = 200,
+    learning_rate: Annotated[float, typer.Option(help="ESD: learning rate")] = 1e-4,
+    data: Annotated[str | None, typer.Option(help="ESD: captioned image folder with the concepts")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="ESD: continue a run")] = True,
     export: Annotated[Path | None, typer.Option(help="also write a full diffusers folder here")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
-    """Erase concepts from a model with a closed-form edit; writes a delta (and optionally a full folder)."""
+    """Erase concepts from a model: UCE's closed-form edit or ESD's fine-tune; writes a delta."""
     from diffimmune.files import ensure_writable_folder
     from diffimmune.methods.uce import uce_erase
 
-    if method != "uce":
-        raise DiffImmuneError(f"unknown erasure method '{method}'; available: uce")
+    if method not in ("uce", "esd"):
+        raise DiffImmuneError(f"unknown erasure method '{method}'; available: uce, esd")
+    if variant not in ("x", "u"):
+        raise DiffImmuneError(f"--variant must be x or u, got '{variant}'")
     erase_list = split_list(concepts)
     guides = split_list(guide) or [""]
     ensure_writable_folder(out.parent)
     diffusion_model = load_model(model, allow_pickle, trust_remote_code, device)
+    if method == "esd":
+        from diffimmune.data.sources import model_world
+        from diffimmune.methods.common import ImmunizeConfig
+
+        immunize_config = ImmunizeConfig(
+            method="esd",
+            concepts=concept_specs(concepts, data, model_world(diffusion_model)),
+            esd_variant=variant,
+            negative_guidance=negative_guidance,
+            steps=steps,
+            learning_rate=learning_rate,
+        )
+        run_immunization(diffusion_model, immunize_config, out, resume, export)
+        return
     edited = uce_erase(
         diffusion_model,
         erase_list,
@@ -347,6 +407,73 @@ def erase(
     if export is not None:
         diffusion_model.save_pretrained(export)
         console.print(f"full diffusers folder in {export}", highlight=False)
+
+
+@app.command()
+@user_errors
+def immunize(
+    model: ModelOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder (the result lands in OUT/delta)")],
+    method: Annotated[str | None, typer.Option(help="imma, mima, joint, compose or esd")] = None,
+    concepts: Annotated[
+        str | None, typer.Option(help="comma-separated target concepts (star,heart) or data strings")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="ImmunizeConfig YAML/JSON; flags override it")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="captioned image folder holding the concepts")] = None,
+    hypergradient: Annotated[str | None, typer.Option(help="first_order or unrolled")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="outer steps")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="outer learning rate")] = None,
+    inner_method: Annotated[
+        str | None, typer.Option(help="lora, dreambooth, textual_inversion, custom_diffusion, full")
+    ] = None,
+    inner_learning_rate: Annotated[float | None, typer.Option(help="lower-level SGD step")] = None,
+    selection: Annotated[
+        str | None, typer.Option(help="released tensors to train (attn, xattn, ...)")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="prompt template ({token}, {colour} ...)")] = None,
+    tokens: Annotated[
+        str | None, typer.Option(help="comma-separated placeholder tokens, one per concept")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
+    ] = True,
+    export: Annotated[Path | None, typer.Option(help="also write a full diffusers folder here")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Immunize a model against target concepts (IMMA, MIMA, Joint, Compose; ESD as a trained eraser)."""
+    from diffimmune.config import validate_config
+    from diffimmune.data.sources import model_world
+    from diffimmune.files import ensure_writable_folder
+    from diffimmune.methods.common import ImmunizeConfig, load_immunize_config
+
+    ensure_writable_folder(out, "immunization folder")
+    settings = load_immunize_config(config).model_dump(exclude_unset=True) if config else {}
+    diffusion_model = load_model(model, allow_pickle, trust_remote_code, device)
+    flags = {
+        "method": method,
+        "hypergradient": hypergradient,
+        "steps": steps,
+        "learning_rate": learning_rate,
+        "inner_method": inner_method,
+        "inner_learning_rate": inner_learning_rate,
+        "selection": selection,
+        "prompt": prompt,
+        "tokens": split_list(tokens) or None,
+        "seed": seed,
+    }
+    if concepts is not None:
+        flags["concepts"] = concept_specs(concepts, data, model_world(diffusion_model))
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    for required in ("method", "concepts"):
+        if required not in settings:
+            raise DiffImmuneError(f"--{required} is missing; pass it or set it in --config")
+    immunize_config = validate_config(settings, ImmunizeConfig, "immunize options")
+    run_immunization(diffusion_model, immunize_config, out, resume, export)
 
 
 world_app = typer.Typer(

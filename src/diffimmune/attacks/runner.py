@@ -20,12 +20,13 @@ import torch
 
 from diffimmune.adapters.base import AdapterConfig, LoRAAdapter, make_adapter
 from diffimmune.adapters.lora import export_diffusers_lora
+from diffimmune.adapters.prior import class_images
 from diffimmune.config import AttackConfig, TrainConfig, load_config
 from diffimmune.core.objective import Batch, diffusion_loss
 from diffimmune.core.train import train
 from diffimmune.data.sources import load_concept_data
 from diffimmune.errors import DiffImmuneError
-from diffimmune.files import atomic_file, ensure_writable_folder, write_json_atomic
+from diffimmune.files import ensure_writable_folder, write_json_atomic
 from diffimmune.models.diffusion_model import write_delta
 
 STEPS_FOLDER = "steps"
@@ -60,24 +61,6 @@ def adapter_for(config: AttackConfig):
     )
 
 
-def class_images(model, config: AttackConfig, out_dir: Path) -> torch.Tensor:
-    """Prior-preservation images of the class, generated once by the model under attack and cached."""
-    from safetensors.torch import load_file, save_file
-
-    path = out_dir / "class_images.safetensors"
-    if path.is_file():
-        return load_file(str(path))["images"]
-    if not config.class_prompt:
-        raise DiffImmuneError(
-            "prior_preservation needs class_prompt (e.g. 'a red shape'); set it in the attack config"
-        )
-    seeds = [10_000 + i for i in range(config.num_class_images)]
-    images = model.generate([config.class_prompt] * len(seeds), seeds=seeds)
-    with atomic_file(path) as temporary:
-        save_file({"images": images.contiguous()}, str(temporary))
-    return images
-
-
 def run_attack(
     model,
     config: AttackConfig,
@@ -100,7 +83,14 @@ def run_attack(
     prior = None
     if config.prior_preservation:
         with torch.no_grad():
-            prior_x0 = model.encode_images(class_images(model, config, out_dir))
+            prior_x0 = model.encode_images(
+                class_images(
+                    model,
+                    config.class_prompt,
+                    config.num_class_images,
+                    out_dir / "class_images.safetensors",
+                )
+            )
         prior = (prior_x0, [config.class_prompt] * len(prior_x0))
 
     base = adapter.base_parameters(model)

@@ -108,15 +108,18 @@ def load_concept_data(
 
 
 def world_model_folder(model) -> Path | None:
-    """The world model folder behind `model` (itself, or the base a delta was made on), else None."""
+    """The world model folder behind `model` (itself, or the base its chain of deltas was made on), else None."""
     import json
 
-    source = Path(model.source)
-    candidates = [source]
-    manifest = source / "manifest.json"
-    if manifest.is_file():
-        candidates.append(Path(json.loads(manifest.read_text()).get("base_model", "")))
-    return next((folder for folder in candidates if (folder / "diffimmune" / "world.json").is_file()), None)
+    folder = Path(model.source)
+    for _ in range(16):  # a delta on a delta on ... a world model
+        if (folder / "diffimmune" / "world.json").is_file():
+            return folder
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            return None
+        folder = Path(json.loads(manifest.read_text()).get("base_model", ""))
+    return None
 
 
 def model_world(model):

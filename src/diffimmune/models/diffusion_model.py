@@ -429,15 +429,22 @@ class DiffusionModel:
         cls, directory: str | os.PathLike, base: str | None = None, **load_options
     ) -> DiffusionModel:
         manifest = read_delta_manifest(directory)
-        model = cls.from_pretrained(base or manifest["base_model"], **load_options)
+        # The base may itself be a delta (an immunized model made on an erased one): load it the same way.
+        model = load_model(base or manifest["base_model"], **load_options)
         model.load_delta(directory)
         model.source = str(Path(directory).resolve())
         return model
 
 
+RUN_DELTA = "delta"  # where an immunization run folder keeps its result
+
+
 def load_model(path_or_id: str | os.PathLike, **load_options) -> DiffusionModel:
-    """A diffusers folder or hub id, or a delta folder (applied onto the base its manifest names)."""
+    """A diffusers folder or hub id, a delta folder (applied onto the base its manifest names), or a run
+    folder of `diffimmune immunize` (its `delta/`)."""
     path = Path(path_or_id)
+    if (path / RUN_DELTA / "manifest.json").is_file() and not (path / "manifest.json").is_file():
+        path = path / RUN_DELTA
     if (path / "manifest.json").is_file() and not (path / "model_index.json").is_file():
         return DiffusionModel.from_delta(path, **load_options)
     return DiffusionModel.from_pretrained(path_or_id, **load_options)

@@ -26,7 +26,10 @@ SELECTION_PATTERNS: dict[str, str] = {
 }
 # transformers 5 names CLIPTextModel tensors without the `text_model.` level that 4.x had.
 # Selections defined as one minus another.
-DIFFERENCES: dict[str, tuple[str, str]] = {"unet_minus_xattn_kv": ("unet", "xattn_kv")}
+DIFFERENCES: dict[str, tuple[str, str]] = {
+    "unet_minus_xattn_kv": ("unet", "xattn_kv"),
+    "unet_minus_xattn": ("unet", "xattn"),  # ESD-u trains everything but cross-attention
+}
 
 SELECTIONS = tuple([*SELECTION_PATTERNS, *DIFFERENCES])
 

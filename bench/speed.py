@@ -1,0 +1,146 @@
+"""The cost of one immunization outer step over one plain fine-tuning step on the same batch.
+
+For each method and hypergradient: time `method.step` (one outer step, everything it computes) and a
+plain fine-tuning step (diffusion loss forward + backward w.r.t. the same selection, default attention
+kernels), alternating, in one run, and print the ratio of medians. Targets (issue 5): unrolled IMMA
+<= 4x; MIMA with N concepts unrolled <= 4N x; first-order <= 2.2N x.
+
+    python bench/speed.py                     # the world model; writes bench/results/speed.md
+    python bench/speed.py --repeats 3 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = ["star", "square", "triangle"]
+
+
+def cases():
+    yield "imma", "first_order", 1, {}
+    yield "imma", "unrolled", 1, {}
+    for count in (1, 2, 3):
+        yield "mima", "first_order", count, {}
+        yield "mima", "unrolled", count, {}
+    yield "joint", "unrolled", 2, {}
+    yield "compose", "unrolled", 2, {}
+
+
+def targets_for(method: str, hypergradient: str, count: int) -> float | None:
+    if method == "imma":
+        return 4.0 if hypergradient == "unrolled" else 2.2
+    if method in ("mima", "compose"):
+        return (4.0 if hypergradient == "unrolled" else 2.2) * count
+    return None
+
+
+def time_steps(model, method, params, plain_params, batch, repeats):
+    """Alternate a plain step and an outer step `repeats` times (after one warm-up of each)."""
+    from diffimmune.core.objective import diffusion_loss
+
+    def plain(generator):
+        loss = diffusion_loss(model, plain_params, batch, generator)
+        torch.autograd.grad(loss, list(plain_params.values()), allow_unused=True)
+
+    def outer(generator):
+        method.step(params, 0, generator)
+
+    for warmup in (plain, outer):
+        warmup(torch.Generator().manual_seed(1))
+    plain_times, outer_times = [], []
+    for repeat in range(repeats):
+        for function, times in ((plain, plain_times), (outer, outer_times)):
+            start = time.perf_counter()
+            function(torch.Generator().manual_seed(repeat))
+            times.append(time.perf_counter() - start)
+    return plain_times, outer_times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from diffimmune.data.sources import model_world
+    from diffimmune.methods.common import Context, ImmunizeConfig, method_registry
+    from diffimmune.models.diffusion_model import load_model
+    from diffimmune.recipes.world_build import build_world
+
+    build = build_world("default", progress=False, log=lambda m: None)
+    model = load_model(build.model_dir)
+    world = model_world(model)
+    rows = []
+    scratch = ROOT / "runs" / "speed"
+    for method_name, mode, count, extra in cases():
+        config = ImmunizeConfig(
+            method=method_name,
+            concepts=[f"world:shape={s}" for s in SHAPES[:count]],
+            hypergradient=mode,
+            batch_size=args.batch_size,
+            num_images=8,
+            num_class_images=8,
+            reg_prompts=50,
+            **extra,
+        )
+        context = Context(model, config, scratch, world)
+        method = method_registry()[method_name](context)
+        named = model.named_parameters()
+        params = {n: named[n].detach().clone().requires_grad_(True) for n in method.theta_names}
+        params |= {f"inner.{k}": v.clone() for k, v in method.inner_state().items()}
+        plain_params = {n: named[n].detach().clone().requires_grad_(True) for n in method.theta_names}
+        # The plain step sees the same number of images: one target batch (with prior images if the
+        # method's lower level uses them).
+        batch = context.batch(context.concepts[0], torch.Generator().manual_seed(0))
+
+        plain_times, outer_times = time_steps(model, method, params, plain_params, batch, args.repeats)
+        ratio = statistics.median(outer_times) / statistics.median(plain_times)
+        target = targets_for(method_name, mode, count)
+        row = {
+            "method": method_name,
+            "hypergradient": mode,
+            "concepts": count,
+            "plain_ms": 1000 * statistics.median(plain_times),
+            "outer_ms": 1000 * statistics.median(outer_times),
+            "ratio": ratio,
+            "target": target,
+        }
+        rows.append(row)
+        verdict = "" if target is None else ("pass" if ratio <= target else "FAIL")
+        print(
+            f"{method_name:8s} {mode:12s} N={count}  plain {row['plain_ms']:7.1f} ms  outer "
+            f"{row['outer_ms']:8.1f} ms  ratio {ratio:5.2f}  target {target or '-'} {verdict}",
+            flush=True,
+        )
+    if args.write:
+        lines = [
+            "# Speed: one outer step over one plain fine-tuning step",
+            "",
+            f"Made by `python bench/speed.py` on the world model, batch {args.batch_size}, "
+            f"{args.threads} CPU threads, median of {args.repeats} alternating repeats.",
+            "",
+            "| method | hypergradient | concepts | plain (ms) | outer (ms) | ratio | target |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            target = "-" if r["target"] is None else f"<= {r['target']:.1f}"
+            lines.append(
+                f"| {r['method']} | {r['hypergradient']} | {r['concepts']} | {r['plain_ms']:.1f} | "
+                f"{r['outer_ms']:.1f} | {r['ratio']:.2f} | {target} |"
+            )
+        path = ROOT / "bench" / "results" / "speed.md"
+        path.write_text("\n".join(lines) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The bi-level immunizers' shared machinery (IMMA, MIMA, Joint, Compose).
+
+The released tensors theta (the upper-level selection) are trained to *maximise* the diffusion loss of
+the model an adversary obtains from them. The adversary is the lower level: one adapter per branch
+(IMMA: one, on all target data; MIMA: one per concept), taking `inner_steps` SGD steps on its state.
+
+A branch's state is stored as a residual r on top of the adapter's starting point phi0(theta), so that
+the adapted weights view(theta, phi0(theta) + r) stay a differentiable function of theta for every
+adapter (for DreamBooth phi0(theta) = theta), and r can persist between outer steps (`inner_warm_start`,
+as the official code keeps its LoRA training across the outer loop). r lives in the training loop's
+checkpoints, so a resumed run ends where the uninterrupted one does.
+
+Hypergradients (`hypergradient`):
+- `first_order` (the official code): adapt without a graph, then the gradient of the upper loss w.r.t.
+  the weights the model is finally called with (the adapted, or merged, ones), read at the names of theta;
+- `unrolled` (the papers): keep the graph of the inner steps (and of the merge) and differentiate the
+  upper loss w.r.t. theta exactly, through `core.hypergrad.hypergradient`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffimmune.core.hypergrad import adapt, hypergradient
+from diffimmune.core.objective import Batch, diffusion_loss, math_attention
+from diffimmune.core.train import StepOutput
+from diffimmune.methods.common import Context, Method, inner_of, store_inner, theta_of
+
+THETA = "theta:"
+
+
+@dataclass
+class Branch:
+    """One lower-level adversary: its adapter and the concepts whose data it trains on."""
+
+    adapter: object
+    concepts: list[int]
+    base_names: list[str]
+
+
+class BilevelMethod(Method):
+    """Subclasses say how branches are formed (`branches`) and how the upper level sees the adapted
+    models (`outer_params`: IMMA uses the one adapted model, MIMA merges them)."""
+
+    def __init__(self, context: Context):
+        super().__init__(context)
+        self.branches = self.make_branches()
+        named = self.model.named_parameters()
+        needed = {n for branch in self.branches for n in branch.base_names} | set(self.extra_base_names())
+        self.frozen = {n: named[n].detach() for n in needed if n not in set(self.theta_names)}
+        self.lr = self.config.resolved("inner_learning_rate")
+
+    # -- what subclasses decide
+    def make_branches(self) -> list[Branch]:
+        raise NotImplementedError
+
+    def extra_base_names(self) -> list[str]:
+        return []
+
+    def outer_params(self, theta: dict[str, Tensor], adapted: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The weights the upper loss calls the model with, from each branch's adapted weights."""
+        raise NotImplementedError
+
+    def outer_loss(self, params: dict[str, Tensor], batches: list[Batch], generator) -> Tensor:
+        """Summed diffusion loss of the target batches (one per concept) under `params`; maximised."""
+        total = 0.0
+        for batch in batches:
+            loss = diffusion_loss(self.model, params, batch, generator)
+            if self.config.max_loss is not None and loss.item() > self.config.max_loss:
+                loss = loss.detach()  # high enough: spend the capacity on the other concepts
+            total = total + loss
+        return total
+
+    # -- the adapters as functions of theta
+    def branch_state_init(self, branch: Branch) -> dict[str, Tensor]:
+        base = {n: self.frozen.get(n, None) for n in branch.base_names}
+        named = self.model.named_parameters()
+        base = {n: (v if v is not None else named[n].detach()) for n, v in base.items()}
+        return branch.adapter.init_state(self.model, base)
+
+    def adapted_params(self, branch: Branch, theta: dict[str, Tensor], residual: dict[str, Tensor]):
+        """view(theta, phi0(theta) + r): every tensor the adapted model is called with."""
+        released = {**self.frozen, **theta}
+        base = {n: released[n] for n in branch.base_names}
+        start = branch.adapter.init_state(self.model, base)
+        state = {k: start[k] + residual[k] for k in start}
+        return {**theta, **branch.adapter.view(self.model, base, state)}
+
+    def inner_state(self) -> dict[str, Tensor]:
+        state = {}
+        for index, branch in enumerate(self.branches):
+            for key, value in self.branch_state_init(branch).items():
+                state[f"{index}/{key}"] = torch.zeros_like(value.detach())
+        return state
+
+    # -- one outer step
+    def split(self, z: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        theta = {n[len(THETA) :]: v for n, v in z.items() if n.startswith(THETA)}
+        residuals: list[dict[str, Tensor]] = [{} for _ in self.branches]
+        for key, value in z.items():
+            if not key.startswith(THETA):
+                index, name = key.split("/", 1)
+                residuals[int(index)][name] = value
+        return theta, residuals
+
+    def step(self, params: dict[str, Tensor], step: int, generator: torch.Generator):
+        context = self.context
+        theta = theta_of(params, self.theta_names)
+        residuals = inner_of(params)
+        if not self.config.inner_warm_start:
+            residuals = {k: torch.zeros_like(v) for k, v in residuals.items()}
+        inner_batches = [
+            [self.branch_batch(branch, generator) for branch in self.branches]
+            for _ in range(self.config.inner_steps)
+        ]
+        outer_batches = [context.batch(concept, generator, with_prior=False) for concept in context.concepts]
+
+        def inner_step(z, batches, *, create_graph):
+            theta_now, residual_list = self.split(z)
+            updated = dict(z)
+            for index, (branch, batch) in enumerate(zip(self.branches, batches, strict=True)):
+                residual = residual_list[index]
+                loss = diffusion_loss(
+                    self.model, self.adapted_params(branch, theta_now, residual), batch, generator
+                )
+                names = list(residual)
+                grads = torch.autograd.grad(
+                    loss, [residual[n] for n in names], create_graph=create_graph, allow_unused=True
+                )
+                for name, grad in zip(names, grads, strict=True):
+                    if grad is not None:
+                        updated[f"{index}/{name}"] = residual[name] - self.lr * grad
+            return updated
+
+        def upper(z, batches):
+            theta_now, residual_list = self.split(z)
+            adapted = [
+                self.adapted_params(branch, theta_now, residual_list[index])
+                for index, branch in enumerate(self.branches)
+            ]
+            return self.outer_loss(self.outer_params(theta_now, adapted), batches, generator)
+
+        z0 = {THETA + n: v.detach() for n, v in theta.items()} | residuals
+        if self.config.hypergradient == "unrolled":
+            with math_attention():
+                result = hypergradient(
+                    z0,
+                    mode="unrolled",
+                    inner_step=inner_step,
+                    inner_loss=_unused,
+                    outer_loss=upper,
+                    inner_batches=inner_batches,
+                    outer_batch=outer_batches,
+                )
+            grads = {n: result.grads[THETA + n] for n in self.theta_names}
+            outer_value, adapted_z = result.outer_loss, result.adapted
+        else:
+            adapted_z = adapt(z0, inner_step, inner_batches, create_graph=False)
+            theta_now, residual_list = self.split(adapted_z)
+            adapted = [
+                self.adapted_params(branch, theta_now, residual_list[index])
+                for index, branch in enumerate(self.branches)
+            ]
+            final = {
+                n: v.detach().requires_grad_(True) for n, v in self.outer_params(theta_now, adapted).items()
+            }
+            loss = self.outer_loss(final, outer_batches, generator)
+            values = torch.autograd.grad(loss, [final[n] for n in self.theta_names], allow_unused=True)
+            grads = {
+                n: (g if g is not None else torch.zeros_like(theta[n]))
+                for n, g in zip(self.theta_names, values, strict=True)
+            }
+            outer_value = loss.item()
+        if self.config.inner_warm_start:
+            _, residual_list = self.split(adapted_z)
+            store_inner(
+                params,
+                {
+                    f"{i}/{k}": v.detach()
+                    for i, residual in enumerate(residual_list)
+                    for k, v in residual.items()
+                },
+            )
+        # Gradient *ascent* on the adapted model's loss: the loop minimises, so hand it the negation.
+        grads = {n: -g for n, g in grads.items()}
+        metrics = {"target_loss": outer_value / max(1, len(outer_batches))}
+        loss_value = -outer_value
+        if self.config.retain_weight > 0 and context.retain is not None:
+            retain_loss = self.retain_loss(theta, generator)
+            retain_grads = torch.autograd.grad(
+                retain_loss, [theta[n] for n in self.theta_names], allow_unused=True
+            )
+            for name, grad in zip(self.theta_names, retain_grads, strict=True):
+                if grad is not None:
+                    grads[name] = grads[name] + self.config.retain_weight * grad
+            metrics["retain_loss"] = retain_loss.item()
+            loss_value += self.config.retain_weight * retain_loss.item()
+        return StepOutput(loss=loss_value, grads=grads, metrics=metrics)
+
+    def branch_batch(self, branch: Branch, generator: torch.Generator) -> Batch:
+        """A lower-level batch: from the branch's concepts (pooled), with prior images if enabled."""
+        concepts = self.context.concepts
+        if len(branch.concepts) == 1:
+            return self.context.batch(concepts[branch.concepts[0]], generator)
+        choice = torch.randint(0, len(branch.concepts), (1,), generator=generator).item()
+        return self.context.batch(concepts[branch.concepts[choice]], generator)
+
+    def retain_loss(self, theta: dict[str, Tensor], generator) -> Tensor:
+        batch = self.context.batch(self.context.retain, generator, with_prior=False)
+        return diffusion_loss(self.model, theta, batch, generator)
+
+
+def _unused(params, batch):  # the unrolled mode never calls the lower-level loss directly
+    raise AssertionError("inner_loss is only used by the implicit hypergradient")

@@ -1,0 +1,328 @@
+"""What every trained immunizer shares: its validated config, its concept data, its run folder.
+
+Layout of an immunization run folder (`diffimmune immunize --out RUN`):
+
+    immunize.json            the validated ImmunizeConfig and the model it was given
+    train/                   the training loop's checkpoints and metrics.jsonl (resume)
+    class_images.safetensors prior-preservation images (methods with a DreamBooth lower level)
+    delta/                   the result: changed tensors + manifest (load RUN or RUN/delta as a model)
+
+A method is a small class (see `Method`): the released tensors it trains, any lower-level state it
+carries between outer steps (kept in the training loop's checkpoints, so a resumed run ends bitwise
+equal), and one outer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from diffimmune.adapters.base import AdapterConfig, make_adapter
+from diffimmune.config import StrictModel, TrainConfig, load_config
+from diffimmune.core.objective import Batch
+from diffimmune.data.sources import load_concept_data, parse_filter
+from diffimmune.errors import DiffImmuneError
+from diffimmune.files import ensure_writable_folder, write_json_atomic
+from diffimmune.models.diffusion_model import RUN_DELTA
+from diffimmune.models.params import select_parameters
+
+IMMUNIZE_METHODS = ("imma", "mima", "joint", "compose", "esd")
+INNER_METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "full")
+INNER_PREFIX = "inner."
+
+# Per method: the upper-level selection, the lower-level adapter and whether it uses prior preservation,
+# as the official scripts set them (IMMA: attention + LoRA; MIMA: cross-attention + DreamBooth).
+METHOD_DEFAULTS: dict[str, dict] = {
+    "imma": {"selection": "attn", "inner_method": "lora", "prior_preservation": False},
+    "mima": {"selection": "xattn", "inner_method": "dreambooth", "prior_preservation": True},
+    "joint": {"selection": "xattn", "inner_method": "dreambooth", "prior_preservation": True},
+    # Compose's adversaries are Custom Diffusion's K/V part (no token); the name sets their step size.
+    "compose": {"selection": "xattn_kv", "inner_method": "custom_diffusion", "prior_preservation": False},
+    "esd": {"selection": "xattn", "inner_method": None, "prior_preservation": False},
+}
+
+
+# The lower level's SGD step size per adapter, calibrated on the world model: the size at which 20 steps
+# lower the target loss clearly without diverging (a larger one diverges for DreamBooth).
+INNER_LR: dict[str, float] = {
+    "lora": 1.0,
+    "dreambooth": 1e-2,
+    "full": 1e-2,
+    "custom_diffusion": 0.3,
+    "textual_inversion": 1.0,
+}
+
+
+class ImmunizeConfig(StrictModel):
+    """One immunization (or trained erasure). Unset fields take the method's defaults (METHOD_DEFAULTS)."""
+
+    method: Literal["imma", "mima", "joint", "compose", "esd"]
+    concepts: list[str] = Field(
+        min_length=1, description="one data string per target concept: world:shape=star, FOLDER::shape=x"
+    )
+    prompt: str | None = Field(default=None, description="template with {token}/labels; None: captions")
+    tokens: list[str] | None = Field(default=None, description="one placeholder token per concept")
+    steps: int = Field(default=200, gt=0)
+    learning_rate: float = Field(default=3e-4, gt=0, description="upper-level (released weights) lr")
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    num_images: int = Field(default=20, gt=0, description="images per target concept")
+    selection: str | None = Field(default=None, description="released tensors trained (method default)")
+    hypergradient: Literal["first_order", "unrolled"] = "unrolled"
+    inner_method: Literal["lora", "dreambooth", "textual_inversion", "custom_diffusion", "full"] | None = None
+    inner_learning_rate: float | None = Field(
+        default=None, gt=0, description="lower-level SGD step size (default per adapter, INNER_LR)"
+    )
+    inner_steps: int = Field(default=1, gt=0, description="lower-level steps per outer step")
+    inner_rank: int = Field(default=4, gt=0)
+    inner_warm_start: bool = Field(
+        default=True, description="the lower level keeps adapting across outer steps (official code)"
+    )
+    prior_preservation: bool | None = None
+    class_prompt: str | None = "a photo of a shape"
+    num_class_images: int = Field(default=20, gt=0)
+    prior_weight: float = Field(default=1.0, ge=0)
+    retain: str | None = Field(
+        default=None, description="data the model must keep (default on the world: every other known shape)"
+    )
+    retain_weight: float = Field(default=0.0, ge=0, description="weight of the retain loss (0: off)")
+    reg_prompts: int = Field(default=200, gt=0, description="regularisation prompts of the merge")
+    merge_directions: int = Field(default=3, gt=0, description="constraint directions per concept")
+    max_loss: float | None = Field(
+        default=None, gt=0, description="stop ascending a concept's loss once it exceeds this"
+    )
+    negative_guidance: float = Field(default=1.0, ge=0, description="ESD's eta")
+    esd_variant: Literal["x", "u"] = "x"
+    seed: int = 0
+    checkpoint_every: int = Field(default=50, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.tokens is not None and len(self.tokens) != len(self.concepts):
+            raise ValueError(f"tokens has {len(self.tokens)} entries for {len(self.concepts)} concepts")
+        if self.tokens is not None and (self.prompt is None or "{token}" not in self.prompt):
+            raise ValueError("tokens need a prompt template containing {token}")
+        return self
+
+    def resolved(self, key: str):
+        if key == "inner_learning_rate" and self.inner_learning_rate is None:
+            return INNER_LR.get(self.resolved("inner_method") or "full", 1e-2)
+        value = getattr(self, key)
+        return METHOD_DEFAULTS[self.method][key] if value is None else value
+
+
+def load_immunize_config(path: str | Path) -> ImmunizeConfig:
+    return load_config(path, ImmunizeConfig)
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class ConceptSamples:
+    """One target concept's training data in the denoiser's space."""
+
+    name: str
+    word: str  # the word (or placeholder token) that names it in its prompts
+    x0: Tensor
+    prompts: list[str]
+
+    def batch(self, size: int, generator: torch.Generator, prior: ConceptSamples | None, weight: float):
+        index = torch.randint(0, len(self.x0), (size,), generator=generator)
+        batch = Batch(self.x0[index], [self.prompts[i] for i in index.tolist()])
+        if prior is not None:
+            prior_index = torch.randint(0, len(prior.x0), (size,), generator=generator)
+            batch.prior = Batch(prior.x0[prior_index], [prior.prompts[i] for i in prior_index.tolist()])
+            batch.prior_weight = weight
+        return batch
+
+
+def concept_word(spec: str) -> str:
+    """The value a data string selects (`world:shape=heart` -> heart, `FOLDER::style=dots` -> dots)."""
+    text = spec.split("world:", 1)[1] if spec.startswith("world:") else spec.partition("::")[2]
+    if not text:
+        raise DiffImmuneError(
+            f"concept '{spec}' names no concept; write world:shape=NAME or FOLDER::col=NAME"
+        )
+    _, negate, values = parse_filter(text)
+    if negate or len(values) != 1:
+        raise DiffImmuneError(f"concept '{spec}' must select exactly one value (shape=heart)")
+    return values[0]
+
+
+def default_retain(concepts: list[str]) -> str | None:
+    """On the world: every known shape that is not a target."""
+    if not all(c.startswith("world:") for c in concepts):
+        return None
+    words = [concept_word(c) for c in concepts]
+    return "world:shape!=" + ",".join(words)
+
+
+class Context:
+    """The model, the config and the data an immunization step draws from."""
+
+    def __init__(self, model, config: ImmunizeConfig, out_dir: Path, world=None):
+        self.model = model
+        self.config = config
+        self.out_dir = out_dir
+        self.concepts: list[ConceptSamples] = []
+        for index, spec in enumerate(config.concepts):
+            data = load_concept_data(spec, config.num_images, config.seed + index, world, model.image_size)
+            token = config.tokens[index] if config.tokens else "sks"
+            with torch.no_grad():
+                x0 = model.encode_images(data.images)
+            word = token if config.tokens else concept_word(spec)
+            self.concepts.append(ConceptSamples(spec, word, x0, data.prompts(config.prompt, token)))
+        self.retain_spec = config.retain or default_retain(config.concepts)
+        self.retain: ConceptSamples | None = None
+        if self.retain_spec is not None:
+            count = max(config.reg_prompts, config.num_images)
+            data = load_concept_data(self.retain_spec, count, config.seed + 1000, world, model.image_size)
+            with torch.no_grad():
+                x0 = model.encode_images(data.images)
+            self.retain = ConceptSamples(self.retain_spec, "", x0, data.captions)
+        self.prior: ConceptSamples | None = None
+        if config.resolved("prior_preservation"):
+            from diffimmune.adapters.prior import class_images
+
+            images = class_images(
+                model, config.class_prompt, config.num_class_images, out_dir / "class_images.safetensors"
+            )
+            with torch.no_grad():
+                x0 = model.encode_images(images)
+            self.prior = ConceptSamples("prior", "", x0, [config.class_prompt] * len(x0))
+
+    def batch(self, concept: ConceptSamples, generator: torch.Generator, with_prior: bool = True) -> Batch:
+        prior = self.prior if with_prior else None
+        return concept.batch(self.config.batch_size, generator, prior, self.config.prior_weight)
+
+    def adapter(self, concept_index: int = 0):
+        """The lower level's adapter; personalising ones learn concept `concept_index`'s token."""
+        name = self.config.resolved("inner_method")
+        return make_adapter(
+            name,
+            AdapterConfig(
+                rank=self.config.inner_rank,
+                token=self.config.tokens[concept_index] if self.config.tokens else "sks",
+                seed=self.config.seed,
+                selection=self.config.selection if name == "full" else None,
+            ),
+        )
+
+
+class Method:
+    """One immunizer: `trainable` released tensors, optional carried `inner_state`, and `step`."""
+
+    name: str = ""
+
+    def __init__(self, context: Context):
+        self.context = context
+        self.model = context.model
+        self.config = context.config
+        self.selection = self.config.resolved("selection")
+        self.theta_names = list(select_parameters(self.model, self.selection))
+
+    def inner_state(self) -> dict[str, Tensor]:
+        """Lower-level state carried between outer steps (checkpointed with the weights)."""
+        return {}
+
+    def step(self, params: dict[str, Tensor], step: int, generator: torch.Generator):
+        raise NotImplementedError
+
+
+MethodFactory = Callable[[Context], Method]
+
+
+def method_registry() -> dict[str, MethodFactory]:
+    from diffimmune.methods.esd import ESD
+    from diffimmune.methods.imma import IMMA
+    from diffimmune.methods.mima import MIMA, Compose, Joint
+
+    return {"imma": IMMA, "mima": MIMA, "joint": Joint, "compose": Compose, "esd": ESD}
+
+
+@dataclass
+class ImmunizeRun:
+    out_dir: Path
+    delta_dir: Path
+    config: ImmunizeConfig
+    changed: list[str]
+    last_metrics: dict
+
+
+def immunize(
+    model,
+    config: ImmunizeConfig,
+    out_dir: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    world=None,
+    log: Callable[[str], None] | None = None,
+) -> ImmunizeRun:
+    """Train `config.method` on `model` and write the changed tensors to OUT/delta. The model's own
+    weights end up immunized too (they are the trained tensors)."""
+    from diffimmune.core.train import train
+
+    out_dir = ensure_writable_folder(out_dir, "immunization folder")
+    write_json_atomic(
+        out_dir / "immunize.json", {"config": config.model_dump(mode="json"), "model": model.source}
+    )
+    context = Context(model, config, out_dir, world)
+    method = method_registry()[config.method](context)
+    named = model.named_parameters()
+    reference = {n: named[n].detach().clone() for n in method.theta_names}
+    theta = {n: named[n].detach().clone() for n in method.theta_names}
+    carried = {INNER_PREFIX + k: v.detach().clone() for k, v in method.inner_state().items()}
+    params = {**theta, **carried}
+    train_config = TrainConfig(
+        steps=config.steps,
+        learning_rate=config.learning_rate,
+        optimizer=config.optimizer,
+        grad_clip=config.grad_clip,
+        log_every=max(1, min(10, config.steps // 4)),
+        checkpoint_every=config.checkpoint_every,
+        seed=config.seed,
+    )
+    result = train(
+        params,
+        method.step,
+        train_config,
+        out_dir / "train",
+        resume=resume,
+        progress=progress,
+        description=f"immunize {config.method}",
+    )
+    final = {n: params[n].detach() for n in method.theta_names}
+    model.load_parameters(final)
+    changed = [n for n in final if not torch.equal(final[n], reference[n])]
+    delta_dir = out_dir / RUN_DELTA
+    model.save_delta(
+        delta_dir,
+        reference,
+        method=config.method,
+        selection=method.selection,
+        hyperparameters=config.model_dump(mode="json"),
+        extra={"last_metrics": result.last_metrics},
+    )
+    if log is not None:
+        log(f"{config.method}: {len(changed)} tensor(s) changed; delta in {delta_dir}")
+    return ImmunizeRun(out_dir, delta_dir, config, changed, result.last_metrics)
+
+
+def theta_of(params: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+    return {n: params[n] for n in names}
+
+
+def inner_of(params: dict[str, Tensor], prefix: str = INNER_PREFIX) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v.detach() for k, v in params.items() if k.startswith(prefix)}
+
+
+@torch.no_grad()
+def store_inner(params: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+    for key, value in values.items():
+        params[INNER_PREFIX + key].copy_(value)
