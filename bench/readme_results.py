@@ -23,6 +23,24 @@ def find(pattern: str, file: str) -> str:
     return match.group(1) if match else "not found"
 
 
+def relearning_summary(results: dict) -> str:
+    """Target detection after the LoRA attack's last step, per model and target set."""
+    lines = [
+        "#### Re-learning (bench/relearning.py, [docs/relearning](docs/relearning/report.md))",
+        "",
+        "| targets | model | target rate, attack step 0 | max over saved steps | other shapes |",
+        "|---|---|---|---|---|",
+    ]
+    for size, data in results["sets"].items():
+        for model, row in data["rows"].items():
+            curves = [list(c.values()) for c in row["targets"].values()]
+            steps = len(curves[0])
+            mean = [sum(c[i]["rate"] for c in curves) / len(curves) for i in range(steps)]
+            other = sum(row["other_shapes"].values()) / len(row["other_shapes"])
+            lines.append(f"| {size} | {model} | {mean[0]:.0%} | {max(mean):.0%} | {other:.0%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     rows = [("benchmark", "measured", "target", "source")]
     rows.append(
@@ -78,9 +96,14 @@ def main() -> None:
     )
     table = "\n".join("| " + " | ".join(row) + " |" for row in rows[:1])
     table += "\n|---|---|---|---|\n" + "\n".join("| " + " | ".join(row) + " |" for row in rows[1:])
-    curves = RESULTS / "attack_curves.md"
-    if curves.is_file():
-        table += "\n\n" + curves.read_text().strip()
+    for extra in ("attack_curves.md", "speed.md"):
+        path = RESULTS / extra
+        if path.is_file():
+            text = path.read_text().strip()
+            table += "\n\n" + ("###" + text if text.startswith("# ") else text)
+    relearning = ROOT / "docs" / "relearning" / "results.json"
+    if relearning.is_file():
+        table += "\n\n" + relearning_summary(json.loads(relearning.read_text()))
     readme = ROOT / "README.md"
     text = readme.read_text()
     text = re.sub(

@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--attack-lr", type=float, default=3e-3)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--retain-weight", type=float, default=1.0)
+    parser.add_argument("--max-loss", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,6 +104,8 @@ def main() -> None:
                     concepts=[f"world:shape={t}" for t in targets],
                     steps=args.immunize_steps,
                     checkpoint_every=50,
+                    retain_weight=args.retain_weight,
+                    max_loss=args.max_loss,
                     **settings,
                 )
                 start = time.perf_counter()

@@ -206,10 +206,13 @@ def hypergradient(
     inner_batches: Sequence[Batch],
     outer_batch: Batch,
     implicit: ImplicitConfig | None = None,
+    wrt: Sequence[str] | None = None,
 ) -> HypergradResult:
     """d outer_loss(adapt(params)) / d params, computed the way ``mode`` says (see the module docstring).
 
-    ``inner_loss`` is used only by ``implicit`` (its Hessian at the adapted weights). The gradients are
+    ``inner_loss`` is used only by ``implicit`` (its Hessian at the adapted weights). ``wrt`` (unrolled
+    mode) names the entries to differentiate w.r.t.; the others start as constants (an inner step must
+    then make its own leaves of them), which saves the backward pass into their starting values. The gradients are
     taken w.r.t. the given tensors (they may be leaves, parameters, or outputs of an earlier graph) and
     nothing is accumulated into ``.grad``.
     """
@@ -218,13 +221,16 @@ def hypergradient(
             f"unknown hypergradient mode {mode!r}; choose one of {', '.join(HYPERGRADIENT_MODES)}"
         )
     if mode == "unrolled":
+        chosen = set(params) if wrt is None else set(wrt)
         sources = {
-            name: value if value.requires_grad else value.detach().requires_grad_(True)
+            name: (value if value.requires_grad else value.detach().requires_grad_(True))
+            if name in chosen
+            else value.detach()
             for name, value in params.items()
         }
         adapted = adapt(sources, inner_step, inner_batches, create_graph=True)
         loss = outer_loss(adapted, outer_batch)
-        grads = _grad(loss, sources, create_graph=False)
+        grads = _grad(loss, {n: v for n, v in sources.items() if n in chosen}, create_graph=False)
         detached = {name: value.detach() for name, value in adapted.items()}
         return HypergradResult(grads, loss.item(), detached, {"mode": mode})
 

@@ -122,7 +122,10 @@ class BilevelMethod(Method):
             theta_now, residual_list = self.split(z)
             updated = dict(z)
             for index, (branch, batch) in enumerate(zip(self.branches, batches, strict=True)):
-                residual = residual_list[index]
+                residual = {
+                    n: v if v.requires_grad else v.detach().requires_grad_(True)
+                    for n, v in residual_list[index].items()
+                }
                 loss = diffusion_loss(
                     self.model, self.adapted_params(branch, theta_now, residual), batch, generator
                 )
@@ -154,6 +157,7 @@ class BilevelMethod(Method):
                     outer_loss=upper,
                     inner_batches=inner_batches,
                     outer_batch=outer_batches,
+                    wrt=[THETA + n for n in self.theta_names],
                 )
             grads = {n: result.grads[THETA + n] for n in self.theta_names}
             outer_value, adapted_z = result.outer_loss, result.adapted
@@ -164,8 +168,10 @@ class BilevelMethod(Method):
                 self.adapted_params(branch, theta_now, residual_list[index])
                 for index, branch in enumerate(self.branches)
             ]
+            wanted = set(self.theta_names)
             final = {
-                n: v.detach().requires_grad_(True) for n, v in self.outer_params(theta_now, adapted).items()
+                n: v.detach().requires_grad_(n in wanted)
+                for n, v in self.outer_params(theta_now, adapted).items()
             }
             loss = self.outer_loss(final, outer_batches, generator)
             values = torch.autograd.grad(loss, [final[n] for n in self.theta_names], allow_unused=True)
