@@ -26,7 +26,7 @@ def find(pattern: str, file: str) -> str:
 def relearning_summary(results: dict) -> str:
     """Target detection after the LoRA attack's last step, per model and target set."""
     lines = [
-        "#### Re-learning (bench/relearning.py, [docs/relearning](docs/relearning/report.md))",
+        "#### Re-learning (bench/relearning.py, [docs/relearning](docs/relearning/README.md))",
         "",
         "| targets | model | target rate, attack step 0 | max over saved steps | other shapes |",
         "|---|---|---|---|---|",
