@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ["star", "square", "triangle"]
 
 
-def cases(only=None):
+def cases():
     yield "imma", "first_order", 1, {}
     yield "imma", "unrolled", 1, {}
     for count in (1, 2, 3):

@@ -312,6 +312,13 @@ def concept_specs(concepts: str, data: str | None, world) -> list[str]:
     return specs
 
 
+def export_model(diffusion_model, export: Path | None) -> None:
+    """With --export, write the (erased / immunized) model as a full diffusers folder."""
+    if export is not None:
+        diffusion_model.save_pretrained(export)
+        console.print(f"full diffusers folder in {export}", highlight=False)
+
+
 def run_immunization(diffusion_model, immunize_config, out: Path, resume: bool, export: Path | None):
     from diffimmune.data.sources import model_world
     from diffimmune.methods.common import immunize
@@ -324,9 +331,7 @@ def run_immunization(diffusion_model, immunize_config, out: Path, resume: bool, 
         world=model_world(diffusion_model),
         log=lambda m: console.print(m, highlight=False),
     )
-    if export is not None:
-        diffusion_model.save_pretrained(export)
-        console.print(f"full diffusers folder in {export}", highlight=False)
+    export_model(diffusion_model, export)
     return run
 
 
@@ -404,9 +409,7 @@ def erase(
         out, reference, method="uce", selection="xattn_kv", hyperparameters=hyperparameters
     )
     console.print(f"erased {', '.join(erase_list)} with UCE: delta in {out}", highlight=False)
-    if export is not None:
-        diffusion_model.save_pretrained(export)
-        console.print(f"full diffusers folder in {export}", highlight=False)
+    export_model(diffusion_model, export)
 
 
 @app.command()

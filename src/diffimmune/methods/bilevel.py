@@ -75,24 +75,31 @@ class BilevelMethod(Method):
         return total
 
     # -- the adapters as functions of theta
-    def branch_state_init(self, branch: Branch) -> dict[str, Tensor]:
-        base = {n: self.frozen.get(n, None) for n in branch.base_names}
-        named = self.model.named_parameters()
-        base = {n: (v if v is not None else named[n].detach()) for n, v in base.items()}
-        return branch.adapter.init_state(self.model, base)
+    def branch_base(self, branch: Branch, theta: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The released tensors the branch's adapter reads: theta where it has them, else frozen."""
+        released = {**self.frozen, **theta}
+        return {n: released[n] for n in branch.base_names}
 
     def adapted_params(self, branch: Branch, theta: dict[str, Tensor], residual: dict[str, Tensor]):
         """view(theta, phi0(theta) + r): every tensor the adapted model is called with."""
-        released = {**self.frozen, **theta}
-        base = {n: released[n] for n in branch.base_names}
+        base = self.branch_base(branch, theta)
         start = branch.adapter.init_state(self.model, base)
         state = {k: start[k] + residual[k] for k in start}
         return {**theta, **branch.adapter.view(self.model, base, state)}
 
+    def released_outer_params(self, z: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What the upper loss calls the model with, from theta and every branch's residual in `z`."""
+        theta, residuals = self.split(z)
+        adapted = [self.adapted_params(b, theta, residuals[i]) for i, b in enumerate(self.branches)]
+        return self.outer_params(theta, adapted)
+
     def inner_state(self) -> dict[str, Tensor]:
+        named = self.model.named_parameters()
+        theta = {n: named[n].detach() for n in self.theta_names}
         state = {}
         for index, branch in enumerate(self.branches):
-            for key, value in self.branch_state_init(branch).items():
+            start = branch.adapter.init_state(self.model, self.branch_base(branch, theta))
+            for key, value in start.items():
                 state[f"{index}/{key}"] = torch.zeros_like(value.detach())
         return state
 
@@ -139,12 +146,7 @@ class BilevelMethod(Method):
             return updated
 
         def upper(z, batches):
-            theta_now, residual_list = self.split(z)
-            adapted = [
-                self.adapted_params(branch, theta_now, residual_list[index])
-                for index, branch in enumerate(self.branches)
-            ]
-            return self.outer_loss(self.outer_params(theta_now, adapted), batches, generator)
+            return self.outer_loss(self.released_outer_params(z), batches, generator)
 
         z0 = {THETA + n: v.detach() for n, v in theta.items()} | residuals
         if self.config.hypergradient == "unrolled":
@@ -163,15 +165,10 @@ class BilevelMethod(Method):
             outer_value, adapted_z = result.outer_loss, result.adapted
         else:
             adapted_z = adapt(z0, inner_step, inner_batches, create_graph=False)
-            theta_now, residual_list = self.split(adapted_z)
-            adapted = [
-                self.adapted_params(branch, theta_now, residual_list[index])
-                for index, branch in enumerate(self.branches)
-            ]
             wanted = set(self.theta_names)
             final = {
                 n: v.detach().requires_grad_(n in wanted)
-                for n, v in self.outer_params(theta_now, adapted).items()
+                for n, v in self.released_outer_params(adapted_z).items()
             }
             loss = self.outer_loss(final, outer_batches, generator)
             values = torch.autograd.grad(loss, [final[n] for n in self.theta_names], allow_unused=True)
@@ -180,16 +177,8 @@ class BilevelMethod(Method):
                 for n, g in zip(self.theta_names, values, strict=True)
             }
             outer_value = loss.item()
-        if self.config.inner_warm_start:
-            _, residual_list = self.split(adapted_z)
-            store_inner(
-                params,
-                {
-                    f"{i}/{k}": v.detach()
-                    for i, residual in enumerate(residual_list)
-                    for k, v in residual.items()
-                },
-            )
+        if self.config.inner_warm_start:  # adapted_z's residual keys are the carried state's own
+            store_inner(params, {k: v.detach() for k, v in adapted_z.items() if not k.startswith(THETA)})
         # Gradient *ascent* on the adapted model's loss: the loop minimises, so hand it the negation.
         grads = {n: -g for n, g in grads.items()}
         metrics = {"target_loss": outer_value / max(1, len(outer_batches))}

@@ -44,9 +44,12 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "joint": {"selection": "xattn", "inner_method": "dreambooth", "prior_preservation": True},
     # Compose's adversaries are Custom Diffusion's K/V part (no token); the name sets their step size.
     "compose": {"selection": "xattn_kv", "inner_method": "custom_diffusion", "prior_preservation": False},
-    "esd": {"selection": "xattn", "inner_method": None, "prior_preservation": False},
+    "esd": {"selection": None, "inner_method": None, "prior_preservation": False},  # by esd_variant
 }
 
+
+# ESD-x trains the cross-attention, ESD-u everything else.
+ESD_SELECTIONS = {"x": "xattn", "u": "unet_minus_xattn"}
 
 # The lower level's SGD step size per adapter, calibrated on the world model: the size at which 20 steps
 # lower the target loss clearly without diverging (a larger one diverges for DreamBooth).
@@ -114,6 +117,8 @@ class ImmunizeConfig(StrictModel):
     def resolved(self, key: str):
         if key == "inner_learning_rate" and self.inner_learning_rate is None:
             return INNER_LR.get(self.resolved("inner_method") or "full", 1e-2)
+        if key == "selection" and self.selection is None and self.method == "esd":
+            return ESD_SELECTIONS[self.esd_variant]
         value = getattr(self, key)
         return METHOD_DEFAULTS[self.method][key] if value is None else value
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
+from diffimmune.adapters.prior import cached_generations
 from diffimmune.core.objective import Batch, sample_noise_and_timesteps
-from diffimmune.files import atomic_file
 from diffimmune.methods.common import Context, Method
 
-ESD_SELECTIONS = {"x": "xattn", "u": "unet_minus_xattn"}
 GENERATION_SEED = 20_000
 
 
@@ -28,10 +27,6 @@ class ESD(Method):
     name = "esd"
 
     def __init__(self, context: Context):
-        if context.config.selection is None:
-            context.config = context.config.model_copy(
-                update={"selection": ESD_SELECTIONS[context.config.esd_variant]}
-            )
         super().__init__(context)
         self.x0 = [self.concept_latents(index) for index in range(len(context.concepts))]
         with torch.no_grad():
@@ -39,17 +34,10 @@ class ESD(Method):
 
     def concept_latents(self, index: int) -> torch.Tensor:
         """The frozen model's own generations of concept `index`'s prompts, as denoiser inputs."""
-        from safetensors.torch import load_file, save_file
-
         concept = self.context.concepts[index]
+        seeds = [GENERATION_SEED + 100 * index + i for i in range(len(concept.prompts))]
         path = Path(self.context.out_dir) / f"esd_images_{index}.safetensors"
-        if path.is_file():
-            images = load_file(str(path))["images"]
-        else:
-            seeds = [GENERATION_SEED + 100 * index + i for i in range(len(concept.prompts))]
-            images = self.model.generate(concept.prompts, seeds=seeds)
-            with atomic_file(path) as temporary:
-                save_file({"images": images.contiguous()}, str(temporary))
+        images = cached_generations(self.model, concept.prompts, seeds, path)
         with torch.no_grad():
             return self.model.encode_images(images)
 

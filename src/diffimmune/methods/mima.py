@@ -99,10 +99,13 @@ class MIMA(BilevelMethod):
     def extra_base_names(self) -> list[str]:
         return self.kv_names
 
+    def branch_adapter(self, index: int):
+        return self.context.adapter(index)
+
     def make_branches(self) -> list[Branch]:
         branches = []
         for index in range(len(self.context.concepts)):
-            adapter = self.context.adapter(index)
+            adapter = self.branch_adapter(index)
             branches.append(Branch(adapter, [index], adapter.base_names(self.model)))
         return branches
 
@@ -131,9 +134,5 @@ class Compose(MIMA):
 
     name = "compose"
 
-    def make_branches(self) -> list[Branch]:
-        branches = []
-        for index in range(len(self.context.concepts)):
-            adapter = FullAdapter(AdapterConfig(selection="xattn_kv", seed=self.config.seed))
-            branches.append(Branch(adapter, [index], adapter.base_names(self.model)))
-        return branches
+    def branch_adapter(self, index: int):
+        return FullAdapter(AdapterConfig(selection="xattn_kv", seed=self.config.seed))
