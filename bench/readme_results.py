@@ -96,7 +96,7 @@ def main() -> None:
     )
     table = "\n".join("| " + " | ".join(row) + " |" for row in rows[:1])
     table += "\n|---|---|---|---|\n" + "\n".join("| " + " | ".join(row) + " |" for row in rows[1:])
-    for extra in ("attack_curves.md", "speed.md"):
+    for extra in ("attack_curves.md", "speed.md", "efficacy.md", "demo.md"):
         path = RESULTS / extra
         if path.is_file():
             text = path.read_text().strip()

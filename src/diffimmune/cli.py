@@ -361,8 +361,9 @@ def erase(
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Erase concepts from a model: UCE's closed-form edit or ESD's fine-tune; writes a delta."""
+    from diffimmune.config import validate_config
     from diffimmune.files import ensure_writable_folder
-    from diffimmune.methods.uce import uce_erase
+    from diffimmune.methods.uce import UCEConfig, erase_with_uce
 
     if method not in ("uce", "esd"):
         raise DiffImmuneError(f"unknown erasure method '{method}'; available: uce, esd")
@@ -386,28 +387,19 @@ def erase(
         )
         run_immunization(diffusion_model, immunize_config, out, resume, export)
         return
-    edited = uce_erase(
-        diffusion_model,
-        erase_list,
-        guides[0] if len(guides) == 1 else guides,
-        split_list(preserve),
-        lamb=lamb,
-        erase_scale=erase_scale,
-        preserve_scale=preserve_scale,
+    uce_config = validate_config(
+        {
+            "concepts": erase_list,
+            "guide": guides,
+            "preserve": split_list(preserve),
+            "lamb": lamb,
+            "erase_scale": erase_scale,
+            "preserve_scale": preserve_scale,
+        },
+        UCEConfig,
+        "erase options",
     )
-    reference = diffusion_model.snapshot(edited)
-    diffusion_model.load_parameters(edited)
-    hyperparameters = {
-        "concepts": erase_list,
-        "guide": guides,
-        "preserve": split_list(preserve),
-        "lamb": lamb,
-        "erase_scale": erase_scale,
-        "preserve_scale": preserve_scale,
-    }
-    diffusion_model.save_delta(
-        out, reference, method="uce", selection="xattn_kv", hyperparameters=hyperparameters
-    )
+    erase_with_uce(diffusion_model, uce_config, out)
     console.print(f"erased {', '.join(erase_list)} with UCE: delta in {out}", highlight=False)
     export_model(diffusion_model, export)
 
@@ -417,7 +409,9 @@ def erase(
 def immunize(
     model: ModelOption,
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder (the result lands in OUT/delta)")],
-    method: Annotated[str | None, typer.Option(help="imma, mima, joint, compose or esd")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="imma, mima, joint, compose, esd, gift or resalign")
+    ] = None,
     concepts: Annotated[
         str | None, typer.Option(help="comma-separated target concepts (star,heart) or data strings")
     ] = None,
@@ -425,7 +419,9 @@ def immunize(
         Path | None, typer.Option("--config", "-c", help="ImmunizeConfig YAML/JSON; flags override it")
     ] = None,
     data: Annotated[str | None, typer.Option(help="captioned image folder holding the concepts")] = None,
-    hypergradient: Annotated[str | None, typer.Option(help="first_order or unrolled")] = None,
+    hypergradient: Annotated[
+        str | None, typer.Option(help="first_order or unrolled; resalign: implicit or first_order")
+    ] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="outer steps")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="outer learning rate")] = None,
     inner_method: Annotated[
@@ -440,6 +436,12 @@ def immunize(
         str | None, typer.Option(help="comma-separated placeholder tokens, one per concept")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    beta: Annotated[
+        float | None, typer.Option(help="GIFT: weight of representation noising (0: off)")
+    ] = None,
+    relearn_weight: Annotated[
+        float | None, typer.Option(help="ResAlign: weight of the harm after a simulated fine-tune (0: off)")
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
     ] = True,
@@ -448,7 +450,7 @@ def immunize(
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
-    """Immunize a model against target concepts (IMMA, MIMA, Joint, Compose; ESD as a trained eraser)."""
+    """Immunize a model against target concepts (IMMA, MIMA, Joint, Compose, GIFT, ResAlign; ESD as a trained eraser)."""
     from diffimmune.config import validate_config
     from diffimmune.data.sources import model_world
     from diffimmune.files import ensure_writable_folder
@@ -468,6 +470,8 @@ def immunize(
         "prompt": prompt,
         "tokens": split_list(tokens) or None,
         "seed": seed,
+        "beta": beta,
+        "relearn_weight": relearn_weight,
     }
     if concepts is not None:
         flags["concepts"] = concept_specs(concepts, data, model_world(diffusion_model))
@@ -477,6 +481,65 @@ def immunize(
             raise DiffImmuneError(f"--{required} is missing; pass it or set it in --config")
     immunize_config = validate_config(settings, ImmunizeConfig, "immunize options")
     run_immunization(diffusion_model, immunize_config, out, resume, export)
+
+
+def _run_plan(plan, out: Path, dry_run: bool, progress: bool = True):
+    from diffimmune.pipeline import build_stages, describe_plan, run_experiment
+
+    if dry_run:
+        for line in describe_plan(plan, build_stages(plan, out)):
+            console.print(line, highlight=False, soft_wrap=True)
+        return None
+    return run_experiment(plan, out, progress=progress, log=lambda m: error_console.print(m, highlight=False))
+
+
+@app.command()
+@user_errors
+def run(
+    experiment: Annotated[
+        Path, typer.Argument(metavar="EXPERIMENT", help="experiment YAML/JSON (see configs/)")
+    ],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="run folder (default: runs/<name>)")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the stages, what is cached and what each costs")
+    ] = False,
+):
+    """Run an experiment: erase -> immunize -> attack sweep -> evaluate -> report, each stage cached."""
+    from diffimmune.pipeline import load_experiment
+
+    plan = load_experiment(experiment)
+    out = out or Path("runs") / plan.experiment.name
+    result = _run_plan(plan, out, dry_run)
+    if result is not None:
+        console.print(f"report: {result.report} ({result.seconds / 60:.1f} min)", highlight=False)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder")] = Path("runs/demo"),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only")] = False,
+):
+    """The main job on the embedded default: erase two shapes with UCE, immunize with MIMA, attack both
+    models with LoRA, evaluate and report (report.html), then print a three-line summary."""
+    from diffimmune.files import atomic_file
+    from diffimmune.pipeline import DEMO_EXPERIMENT, build_stages, summary_lines, validate_experiment
+
+    plan = validate_experiment(DEMO_EXPERIMENT, "demo")
+    result = _run_plan(plan, out, dry_run)
+    if result is None:
+        return
+    lines = summary_lines(result.summary())
+    with atomic_file(out / "summary.md") as temporary:  # the same lines, kept with the run
+        temporary.write_text(
+            "\n".join(["# diffimmune demo", "", *[f"- {line}" for line in lines], ""])
+            + f"\nMade by `diffimmune demo` in {result.seconds / 60:.1f} min (stages cached before it: "
+            f"{len(build_stages(plan, out)) - len(result.executed)}).\n"
+        )
+    console.print(f"report: {result.report.resolve()}", highlight=False)
+    for line in lines:
+        console.print(line, highlight=False)
+    console.print(f"done in {result.seconds / 60:.1f} min", highlight=False)
 
 
 world_app = typer.Typer(

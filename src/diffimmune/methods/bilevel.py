@@ -72,6 +72,8 @@ class BilevelMethod(Method):
             if self.config.max_loss is not None and loss.item() > self.config.max_loss:
                 loss = loss.detach()  # high enough: spend the capacity on the other concepts
             total = total + loss
+        if not total.requires_grad:  # every concept past max_loss: a zero gradient, not an autograd error
+            total = total + 0.0 * sum(p.sum() for p in params.values() if p.requires_grad)
         return total
 
     # -- the adapters as functions of theta

@@ -32,7 +32,7 @@ from diffimmune.files import ensure_writable_folder, write_json_atomic
 from diffimmune.models.diffusion_model import RUN_DELTA
 from diffimmune.models.params import select_parameters
 
-IMMUNIZE_METHODS = ("imma", "mima", "joint", "compose", "esd")
+IMMUNIZE_METHODS = ("imma", "mima", "joint", "compose", "esd", "gift", "resalign")
 INNER_METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "full")
 INNER_PREFIX = "inner."
 
@@ -45,6 +45,10 @@ METHOD_DEFAULTS: dict[str, dict] = {
     # Compose's adversaries are Custom Diffusion's K/V part (no token); the name sets their step size.
     "compose": {"selection": "xattn_kv", "inner_method": "custom_diffusion", "prior_preservation": False},
     "esd": {"selection": None, "inner_method": None, "prior_preservation": False},  # by esd_variant
+    # GIFT's lower level preserves safe data with the ordinary diffusion loss (no adapter).
+    "gift": {"selection": "xattn", "inner_method": None, "prior_preservation": False},
+    # ResAlign trains a LoRA on the attention layers (merged at the end); its fine-tunes are sampled.
+    "resalign": {"selection": "attn", "inner_method": None, "prior_preservation": False},
 }
 
 
@@ -65,7 +69,7 @@ INNER_LR: dict[str, float] = {
 class ImmunizeConfig(StrictModel):
     """One immunization (or trained erasure). Unset fields take the method's defaults (METHOD_DEFAULTS)."""
 
-    method: Literal["imma", "mima", "joint", "compose", "esd"]
+    method: Literal["imma", "mima", "joint", "compose", "esd", "gift", "resalign"]
     concepts: list[str] = Field(
         min_length=1, description="one data string per target concept: world:shape=star, FOLDER::shape=x"
     )
@@ -78,7 +82,9 @@ class ImmunizeConfig(StrictModel):
     batch_size: int = Field(default=4, gt=0)
     num_images: int = Field(default=20, gt=0, description="images per target concept")
     selection: str | None = Field(default=None, description="released tensors trained (method default)")
-    hypergradient: Literal["first_order", "unrolled"] = "unrolled"
+    hypergradient: Literal["first_order", "unrolled", "implicit"] = Field(
+        default="unrolled", description="implicit: ResAlign's only (its default); it also takes first_order"
+    )
     inner_method: Literal["lora", "dreambooth", "textual_inversion", "custom_diffusion", "full"] | None = None
     inner_learning_rate: float | None = Field(
         default=None, gt=0, description="lower-level SGD step size (default per adapter, INNER_LR)"
@@ -103,6 +109,106 @@ class ImmunizeConfig(StrictModel):
     )
     negative_guidance: float = Field(default=1.0, ge=0, description="ESD's eta")
     esd_variant: Literal["x", "u"] = "x"
+    # GIFT (methods/gift.py)
+    beta: float = Field(
+        default=1.0, ge=0, description="GIFT: weight of representation noising (MMD to noise); 0 turns it off"
+    )
+    noise_layers: list[str] = Field(
+        default_factory=lambda: ["down_blocks.*", "mid_block", "up_blocks.*"],
+        min_length=1,
+        description="GIFT: denoiser module-name patterns (core.hooks globs) whose outputs are noised",
+    )
+    mmd_bandwidths: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0],  # core.mmd.DEFAULT_BANDWIDTHS
+        min_length=1,
+        description="GIFT: RBF kernel widths of the MMD, as multiples of the median pairwise distance",
+    )
+
+    @model_validator(mode="after")
+    def _gift_fields(self):
+        if not all(width > 0 and width != float("inf") for width in self.mmd_bandwidths):
+            raise ValueError(f"mmd_bandwidths must be positive finite numbers, got {self.mmd_bandwidths}")
+        if any(not pattern.strip() for pattern in self.noise_layers):
+            raise ValueError("noise_layers has an empty pattern; give module names such as mid_block")
+        return self
+
+    # ResAlign (methods/resalign.py)
+    relearn_weight: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="ResAlign: lambda, weight of the harm after a fine-tune (0: unlearning)",
+    )
+    harmful_loss: Literal["diffusion", "esd"] = Field(
+        default="diffusion", description="ResAlign: negated diffusion loss on target data, or ESD's loss"
+    )
+    resalign_rank: int = Field(default=4, gt=0, description="ResAlign: rank of the trained (merged) LoRA")
+    proximal_gamma: float = Field(
+        # Calibrated on the world model: full fine-tunes' Hessian needs gamma * lambda_max of a few at most.
+        default=0.05,
+        gt=0,
+        description="ResAlign: gamma of the fine-tune's Moreau envelope",
+    )
+    richardson_steps: int = Field(default=5, gt=0, description="ResAlign: Richardson (Neumann) iterations K")
+    richardson_damping: float = Field(
+        default=0.25, gt=0, description="ResAlign: Richardson step (halved on divergence)"
+    )
+    finetune_samples: int = Field(
+        default=2, gt=0, description="ResAlign: fine-tunes simulated per outer step (k)"
+    )
+    finetune_methods: list[Literal["lora", "full", "dreambooth"]] = Field(
+        default_factory=lambda: ["lora", "full", "dreambooth"], min_length=1, description="ResAlign: sampled"
+    )
+    finetune_learning_rates: dict[Literal["lora", "full", "dreambooth"], list[float]] = Field(
+        # Scaled to the world model (its attacks: LoRA 3e-3, full 5e-5); the paper's SD grid is 1e-4..1e-6.
+        default_factory=lambda: {
+            "lora": [3e-3, 1e-3, 3e-4],
+            "full": [5e-5, 2e-5, 1e-5],
+            "dreambooth": [5e-5, 2e-5, 1e-5],
+        },
+        description="ResAlign: Adam learning rates sampled per fine-tune method",
+    )
+    finetune_sgd_lr_scale: float = Field(
+        default=200.0, gt=0, description="ResAlign: SGD's learning rate = the sampled (Adam) one x this"
+    )
+    finetune_steps: tuple[int, int] = Field(
+        default=(5, 20), description="ResAlign: (min, max) fine-tune steps"
+    )
+    finetune_optimizers: list[Literal["sgd", "adam"]] = Field(
+        default_factory=lambda: ["sgd", "adam"], min_length=1, description="ResAlign: sampled optimizers"
+    )
+    finetune_data: list[Literal["target", "retain"]] = Field(
+        default_factory=lambda: ["target"],
+        min_length=1,
+        description="ResAlign: fine-tune data sampled from (retain: benign fine-tunes on the retain data)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resalign_hypergradient_default(cls, data):
+        if isinstance(data, dict) and data.get("method") == "resalign" and "hypergradient" not in data:
+            return {**data, "hypergradient": "implicit"}
+        return data
+
+    @model_validator(mode="after")
+    def _resalign_fields(self):
+        if self.method == "resalign" and self.hypergradient not in ("implicit", "first_order"):
+            raise ValueError(
+                f"resalign takes hypergradient implicit or first_order, not {self.hypergradient}"
+            )
+        if self.method != "resalign" and self.hypergradient == "implicit":
+            raise ValueError("hypergradient implicit is ResAlign's; use first_order or unrolled")
+        low, high = self.finetune_steps
+        if not 1 <= low <= high:
+            raise ValueError(
+                f"finetune_steps must be (min, max) with 1 <= min <= max, got {self.finetune_steps}"
+            )
+        for method in self.finetune_methods:
+            rates = self.finetune_learning_rates.get(method)
+            if not rates or not all(0 < rate < float("inf") for rate in rates):
+                raise ValueError(f"finetune_learning_rates needs positive rates for {method}, got {rates}")
+        return self
+
     seed: int = 0
     checkpoint_every: int = Field(default=50, gt=0)
 
@@ -239,16 +345,30 @@ class Method:
     def step(self, params: dict[str, Tensor], step: int, generator: torch.Generator):
         raise NotImplementedError
 
+    def finalize(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The released tensors once training ends (ResAlign merges its LoRA into them here)."""
+        return {n: params[n].detach() for n in self.theta_names}
+
 
 MethodFactory = Callable[[Context], Method]
 
 
 def method_registry() -> dict[str, MethodFactory]:
     from diffimmune.methods.esd import ESD
+    from diffimmune.methods.gift import GIFT
     from diffimmune.methods.imma import IMMA
     from diffimmune.methods.mima import MIMA, Compose, Joint
+    from diffimmune.methods.resalign import ResAlign
 
-    return {"imma": IMMA, "mima": MIMA, "joint": Joint, "compose": Compose, "esd": ESD}
+    return {
+        "imma": IMMA,
+        "mima": MIMA,
+        "joint": Joint,
+        "compose": Compose,
+        "esd": ESD,
+        "gift": GIFT,
+        "resalign": ResAlign,
+    }
 
 
 @dataclass
@@ -302,7 +422,7 @@ def immunize(
         progress=progress,
         description=f"immunize {config.method}",
     )
-    final = {n: params[n].detach() for n in method.theta_names}
+    final = method.finalize(params)
     model.load_parameters(final)
     changed = [n for n in final if not torch.equal(final[n], reference[n])]
     delta_dir = out_dir / RUN_DELTA

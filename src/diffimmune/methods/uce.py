@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from diffimmune.config import StrictModel
 from diffimmune.errors import DiffImmuneError
 from diffimmune.models.params import select_parameters
 
@@ -103,4 +105,35 @@ def uce_erase(
                 erase_scale,
                 preserve_scale,
             )
+    return edited
+
+
+class UCEConfig(StrictModel):
+    """One UCE erasure, as `diffimmune erase --method uce` and an experiment's `erase:` section take it."""
+
+    concepts: list[str] = Field(min_length=1, description="words to erase (world: shape names)")
+    guide: list[str] = Field(default=[""], description="one guide for all, or one per concept")
+    preserve: list[str] = Field(default=[], description="words whose keys and values must stay")
+    lamb: float = Field(default=0.5, gt=0)
+    erase_scale: float = Field(default=1.0, ge=0)
+    preserve_scale: float = Field(default=1.0, ge=0)
+
+
+def erase_with_uce(model, config: UCEConfig, out_dir) -> dict[str, Tensor]:
+    """Apply the UCE edit to `model` (its weights change) and write the delta to `out_dir`."""
+    guides = config.guide[0] if len(config.guide) == 1 else config.guide
+    edited = uce_erase(
+        model,
+        config.concepts,
+        guides,
+        config.preserve,
+        lamb=config.lamb,
+        erase_scale=config.erase_scale,
+        preserve_scale=config.preserve_scale,
+    )
+    reference = model.snapshot(edited)
+    model.load_parameters(edited)
+    model.save_delta(
+        out_dir, reference, method="uce", selection="xattn_kv", hyperparameters=config.model_dump(mode="json")
+    )
     return edited

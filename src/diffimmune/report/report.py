@@ -143,13 +143,15 @@ class AttackFolder:
         return (self.config or {}).get("method")
 
 
-def find_attack_folders(run_dir: Path) -> list[AttackFolder]:
-    """Every folder holding attack.json: the run folder itself, else those below it."""
-    paths = (
-        [run_dir]
-        if (run_dir / "attack.json").is_file()
-        else sorted(p.parent for p in run_dir.rglob("attack.json"))
-    )
+def find_attack_folders(run_dir: Path, paths: list[Path] | None = None) -> list[AttackFolder]:
+    """The given attack folders, else every folder holding attack.json: the run folder itself, else
+    those below it."""
+    if paths is None:
+        paths = (
+            [run_dir]
+            if (run_dir / "attack.json").is_file()
+            else sorted(p.parent for p in run_dir.rglob("attack.json"))
+        )
     folders = []
     for path in paths:
         relative = path.relative_to(run_dir).as_posix() if path != run_dir else path.name
@@ -822,12 +824,18 @@ def _asset_name(stem: str, used: set[str]) -> str:
 
 # ---------------------------------------------------------------------------------------- entry point
 def write_report(
-    run_dir: Path, title: str | None = None, reference_model: str | None = None
+    run_dir: Path,
+    title: str | None = None,
+    reference_model: str | None = None,
+    attack_dirs: list[Path] | None = None,
+    model_names: dict[str, str] | None = None,
 ) -> tuple[Path, Path]:
     """Write RUN/report.md and a self-contained RUN/report.html (plus RUN/report_assets/*.png).
 
     `reference_model`: a substring of the CSV's model column naming the model without immunization for
-    the gap ratios; default: the one model whose path has no 'immun' in it. Returns (markdown, html).
+    the gap ratios; default: the one model whose path has no 'immun' in it. `attack_dirs`: the attack
+    folders to show (default: every one under RUN); `model_names`: display names by model path (default:
+    the paths' last components). Returns (markdown, html).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -838,10 +846,10 @@ def write_report(
             f"--reference-model '{reference_model}' matches none of the models in {METRICS_FILE}: "
             f"{', '.join(metrics.models)}"
         )
-    attacks = find_attack_folders(run_dir)
+    attacks = find_attack_folders(run_dir, attack_dirs)
     title = title or f"diffimmune report: {run_dir.resolve().name}"
     models = sorted(set(metrics.models) | {a.model for a in attacks if a.model})
-    names = short_model_names(models)
+    names = short_model_names(models) | {m: n for m, n in (model_names or {}).items() if m in models}
     labels = {key: f"{names[key[0]]} · {key[1]}" for key in metrics.keys}
     methods = {(a.model, a.name): a.method for a in attacks if a.model and a.method}
 

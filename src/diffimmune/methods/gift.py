@@ -1,0 +1,176 @@
+"""GIFT (Abdalla et al., "GIFT: Gradient-aware Immunization of diffusion models against malicious
+Fine-Tuning with safe concepts retention", 2025).
+
+What the paper says: immunization is a bi-level problem with no simulated adversary (it does not need to
+know the attack). The *upper* level degrades the target ("malicious") concepts in two ways: it maximises
+the diffusion loss on target data, and it *noises their representations*: the denoiser's intermediate
+activations on target data, at many layers (down, mid and up blocks), are pushed towards Gaussian noise
+of the same shape, measured by a multi-bandwidth RBF MMD (the representation-noising loss of RepNoise,
+Rosati et al. 2024), weighted by beta. The idea is that a concept erased at every layer, not only at the
+output, leaves a fine-tune nothing to re-use. The *lower* level preserves the model on safe data with
+the ordinary diffusion loss (optionally DreamBooth's prior preservation), with its own step size. The
+two levels alternate on the released weights:
+
+    theta' = theta - alpha_P * grad L_safe(theta)                                  (lower: preserve)
+    theta  <- theta' - alpha_I * grad U(theta'),
+    U(theta) = sum_c [ -L_diff(theta; target_c) + beta * mean_l MMD(h_l(theta; target_c), N(0, I)) ]
+
+What diffimmune does:
+- one outer step = `inner_steps` SGD steps on safe data at `inner_learning_rate` (alpha_P; default 1e-2,
+  INNER_LR's full-weight step), written back into the released weights, then the upper gradient at the
+  preserved weights, which the training loop applies with its optimiser (`learning_rate`, alpha_I;
+  Adam, clipping, schedule, checkpoints and resume as for every method);
+- `hypergradient: first_order` is the paper's alternation (the upper gradient read at theta');
+  `unrolled` differentiates U(theta - alpha_P grad L_safe(theta)) through the lower step (one extra
+  double backward), so the upper step also accounts for how the preservation step will respond;
+- the activations come from the same forward pass as the target loss (`core.hooks` on the module-name
+  patterns `noise_layers`, hooks removed after every call), each compared as one vector per image with
+  fresh noise of its shape by `core.mmd.mmd_rbf` at `mmd_bandwidths` times the median distance;
+- safe data is `retain` (on the world: every other known shape), with the prior batch attached when
+  `prior_preservation` is on; without either, GIFT refuses to start (it has nothing to preserve);
+- several target concepts are handled at once: U sums over them (one target batch each);
+- `max_loss` stops ascending a concept's diffusion loss once it exceeds the bound (the representation
+  term keeps working), and `beta: 0` turns representation noising off (maximisation + preservation);
+- the default selection is the cross-attention (`xattn`), as in the paper; `attn` and `unet` work too.
+  `inner_method`, `inner_rank`, `inner_warm_start` and `retain_weight` do not apply (no adversary; the
+  lower level *is* the retain loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from diffimmune.core.hooks import capture_activations, match_module_names
+from diffimmune.core.hypergrad import gradient_step, hypergradient
+from diffimmune.core.mmd import mmd_rbf
+from diffimmune.core.objective import Batch, diffusion_loss, math_attention, sample_noise_and_timesteps
+from diffimmune.core.train import StepOutput
+from diffimmune.errors import DiffImmuneError
+from diffimmune.methods.common import Context, Method, theta_of
+
+
+class GIFT(Method):
+    name = "gift"
+
+    def __init__(self, context: Context):
+        super().__init__(context)
+        if context.retain is None and context.prior is None:
+            raise DiffImmuneError(
+                "gift needs safe data to preserve: set retain (a data string such as FOLDER::style!=dots) "
+                "or prior_preservation: true"
+            )
+        self.safe_lr = self.config.resolved("inner_learning_rate")
+        self.noise_modules: list[str] = []
+        if self.config.beta > 0:
+            try:
+                self.noise_modules = match_module_names(self.model.unet, self.config.noise_layers)
+            except DiffImmuneError as error:
+                raise DiffImmuneError(
+                    f"noise_layers: {error}; set noise_layers to module-name patterns of the denoiser "
+                    "(for a UNet: down_blocks.*, mid_block, up_blocks.*)"
+                ) from None
+
+    # -- the two levels
+    def safe_batch(self, generator: torch.Generator) -> Batch:
+        """A lower-level batch: retain data (prior images attached if enabled), else prior images only."""
+        context = self.context
+        if context.retain is not None:
+            return context.batch(context.retain, generator, with_prior=True)
+        return context.batch(context.prior, generator, with_prior=False)
+
+    def safe_loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
+        return diffusion_loss(self.model, params, batch)
+
+    def representation_noise(self, activations: dict[str, Tensor], seed: int) -> Tensor:
+        """Mean over the captured layers of MMD^2(activations, Gaussian noise of their shape)."""
+        generator = torch.Generator().manual_seed(seed)
+        total = 0.0
+        for name in self.noise_modules:
+            activation = activations[name]
+            noise = torch.randn(activation.shape, generator=generator, dtype=torch.float32)
+            total = total + mmd_rbf(activation, noise.to(activation), self.config.mmd_bandwidths)
+        return total / len(self.noise_modules)
+
+    def upper_terms(self, params: dict[str, Tensor], batch: Batch, seed: int) -> tuple[Tensor, Tensor | None]:
+        """One concept's target diffusion loss and representation-noising MMD (None when beta is 0),
+        from one forward pass of the denoiser."""
+        if not self.noise_modules:
+            return diffusion_loss(self.model, params, batch), None
+        with capture_activations(self.model.unet, self.config.noise_layers) as activations:
+            loss = diffusion_loss(self.model, params, batch)
+        return loss, self.representation_noise(activations, seed)
+
+    def upper_loss(self, params: dict[str, Tensor], batches: list[tuple[Batch, int]], record: dict) -> Tensor:
+        """U = sum over concepts of -L_diff + beta * MMD (minimised); fills `record` with the terms."""
+        total = 0.0
+        losses, distances = [], []
+        for batch, seed in batches:
+            loss, distance = self.upper_terms(params, batch, seed)
+            losses.append(loss.item())
+            ascended = loss
+            if self.config.max_loss is not None and loss.item() > self.config.max_loss:
+                ascended = loss.detach()  # high enough: leave the capacity to the other terms
+            total = total - ascended
+            if distance is not None:
+                distances.append(distance.item())
+                total = total + self.config.beta * distance
+        record["target_loss"] = sum(losses) / len(losses)
+        if distances:
+            record["mmd"] = sum(distances) / len(distances)
+        if not total.requires_grad:  # every concept past max_loss and beta 0: a zero gradient, not an error
+            total = total + 0.0 * next(iter(params.values())).sum()
+        return total
+
+    # -- one outer step
+    def step(self, params: dict[str, Tensor], step: int, generator: torch.Generator):
+        theta = theta_of(params, self.theta_names)
+        safe_batches = [
+            _fixed_draws(self.model, self.safe_batch(generator), generator)
+            for _ in range(self.config.inner_steps)
+        ]
+        target_batches = []
+        for concept in self.context.concepts:
+            batch = _fixed_draws(
+                self.model, self.context.batch(concept, generator, with_prior=False), generator
+            )
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            target_batches.append((batch, seed))
+
+        with torch.no_grad():
+            safe_before = self.safe_loss(theta, safe_batches[0]).item()
+        record: dict[str, float] = {}
+        preserve = gradient_step(self.safe_loss, self.safe_lr)
+
+        def upper(values, batches):
+            return self.upper_loss(values, batches, record)
+
+        mode = self.config.hypergradient
+        with math_attention() if mode == "unrolled" else contextlib.nullcontext():
+            result = hypergradient(
+                {n: v.detach() for n, v in theta.items()},
+                mode=mode,
+                inner_step=preserve,
+                inner_loss=self.safe_loss,
+                outer_loss=upper,
+                inner_batches=safe_batches,
+                outer_batch=target_batches,
+            )
+        # The lower level's update is part of the released weights (GIFT alternates on one model).
+        with torch.no_grad():
+            for name in self.theta_names:
+                params[name].copy_(result.adapted[name])
+        metrics = {"safe_loss": safe_before, **record}
+        return StepOutput(loss=result.outer_loss, grads=result.grads, metrics=metrics)
+
+
+def _fixed_draws(model, batch: Batch, generator: torch.Generator) -> Batch:
+    """Draw the batch's noise and timesteps now, so every evaluation of its loss sees the same ones
+    (the unrolled graph, a finite-difference check, a re-run of the same step)."""
+    noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
+    batch.noise, batch.timesteps = noise, timesteps
+    if batch.prior is not None:
+        _fixed_draws(model, batch.prior, generator)
+    return batch

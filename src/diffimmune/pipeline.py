@@ -1,0 +1,742 @@
+"""An experiment: erase -> immunize -> attack sweep -> evaluate -> report, each stage cached by the hash
+of the configuration that produced it (and of everything upstream of it).
+
+An experiment file (YAML or JSON):
+
+    name: relearning-2
+    model: world                  # the embedded default (built or copied if missing), world:fast, or a
+                                  # diffusers folder / hub id
+    targets: [star, square]       # the concepts to defend: world shape names or data strings
+    erase: {method: uce}          # optional: the erased baseline, model "erased" (uce or esd)
+    defences:                     # name -> an ImmunizeConfig; concepts default to the targets;
+      mima: {method: mima, steps: 150}   # on: erased (default when there is an erase) or base
+    attacks:                      # name -> an AttackConfig, or `preset: lora` (the world's defaults)
+      lora: {method: lora, learning_rate: 3.0e-3, steps: 400}  # data default: the targets' own images
+    attack_models: [erased, mima] # default: the erased model (if any) and every defence
+    evaluate: {samples: 16}
+    report: {title: Re-learning}
+
+`validate_experiment` checks the whole file and reports every problem at once, each naming its field.
+`run_experiment` runs what is missing. Layout of the run folder:
+
+    experiment.json                  the validated experiment
+    erase/<method>-<hash>/           the erased model (UCE: a delta; ESD: a run folder)
+    immunize/<defence>-<hash>/       a defence's immunization run (its result in delta/)
+    attacks/<model>-<hash>/<attack>/ an attack folder (attacks/runner.py) + eval-<hash>.csv
+    metrics.csv, report.md, report.html
+
+A stage is done when its folder holds `stage.json` (written last, atomically); an unfinished one resumes
+from its own checkpoints, so a killed run picks up where it stopped. Editing one attack changes only its
+hash: only that attack and its evaluation run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+
+from diffimmune.config import ATTACK_METHODS, AttackConfig, StrictModel, format_validation_error
+from diffimmune.errors import DiffImmuneError
+from diffimmune.files import ensure_writable_folder, write_json_atomic
+
+STAGE_FILE = "stage.json"
+BASE, ERASED = "base", "erased"
+WORLD_MODEL = "world"
+
+
+# ----------------------------------------------------------------------------------------- schema
+class EraseSpec(StrictModel):
+    """The erased baseline: UCE's closed-form edit or an ESD fine-tune of the base model."""
+
+    method: Literal["uce", "esd"] = "uce"
+    concepts: list[str] | None = Field(default=None, description="default: the experiment's targets")
+    preserve: list[str] | None = Field(
+        default=None, description="UCE: words to keep (default on the world: every other known shape)"
+    )
+    guide: list[str] = [""]
+    lamb: float = Field(default=0.5, gt=0)
+    erase_scale: float = Field(default=1.0, ge=0)
+    preserve_scale: float = Field(default=1.0, ge=0)
+    esd_variant: Literal["x", "u"] = "x"
+    steps: int = Field(default=200, gt=0, description="ESD training steps")
+    learning_rate: float = Field(default=1e-4, gt=0, description="ESD learning rate")
+
+
+class EvaluateSpec(StrictModel):
+    samples: int = Field(default=16, gt=0, description="generations per concept and saved step")
+    steps: int = Field(default=25, gt=0, description="sampling steps")
+    guidance_scale: float = Field(default=4.0, ge=0)
+    references: int = Field(default=32, gt=0)
+    other_concepts: int | None = Field(default=None, gt=0, description="None: every other known shape")
+    fid: bool = True
+
+
+class ReportSpec(StrictModel):
+    title: str | None = None
+
+
+class Experiment(StrictModel):
+    name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str = WORLD_MODEL
+    data: str | None = Field(default=None, description="captioned image folder for the targets (non-world)")
+    targets: list[str] = Field(min_length=1)
+    seed: int = 0
+    erase: EraseSpec | None = None
+    defences: dict[str, dict] = {}
+    attacks: dict[str, dict] = Field(min_length=1)
+    attack_models: list[str] | None = None
+    evaluate: EvaluateSpec = EvaluateSpec()
+    report: ReportSpec = ReportSpec()
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class AttackPlan:
+    name: str
+    config: AttackConfig
+    targets: list[str]  # evaluation targets, as column=value
+
+
+@dataclass
+class ExperimentPlan:
+    """A validated experiment with every default filled in."""
+
+    experiment: Experiment
+    source: str
+    world: object | None
+    targets: list[str]  # data strings
+    target_words: list[str]
+    defences: dict[str, object] = field(default_factory=dict)  # name -> ImmunizeConfig
+    defence_models: dict[str, str] = field(default_factory=dict)  # name -> the model it starts from
+    attacks: list[AttackPlan] = field(default_factory=list)
+    attack_models: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------- validation
+def load_experiment(path: str | Path) -> ExperimentPlan:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DiffImmuneError(f"experiment file {path} does not exist; check the path")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise DiffImmuneError(f"{path} is not valid YAML/JSON: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DiffImmuneError(f"{path} must hold a mapping of settings at the top level")
+    return validate_experiment(data, str(path))
+
+
+def _errors_of(error: ValidationError, prefix: str) -> list[str]:
+    text = format_validation_error(error, "x").split(": ", 2)[-1]
+    return [f"{prefix}{part}" for part in text.split("; ")]
+
+
+def _world_of(model: str):
+    """The WorldConfig of a model spec without loading the model (None for a non-world model)."""
+    from diffimmune.data.world import WorldConfig
+
+    if model == WORLD_MODEL or model.startswith(WORLD_MODEL + ":"):
+        from diffimmune.recipes.world_build import preset_config
+
+        return preset_config(model.partition(":")[2] or "default").world
+    folder = Path(model)
+    for _ in range(16):
+        if (folder / "diffimmune" / "world.json").is_file():
+            return WorldConfig.model_validate_json((folder / "diffimmune" / "world.json").read_text())
+        if (folder / "delta" / "manifest.json").is_file():
+            folder = folder / "delta"
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            return None
+        folder = Path(json.loads(manifest.read_text()).get("base_model", ""))
+    return None
+
+
+def _target_spec(concept: str, data: str | None, world) -> str | None:
+    if concept.startswith("world:") or "::" in concept:
+        return concept
+    if data is not None:
+        return f"{data}::{concept if '=' in concept else 'shape=' + concept}"
+    if world is not None:
+        return f"world:{concept if '=' in concept else 'shape=' + concept}"
+    return None
+
+
+def _check_data(spec: str, world, where: str, errors: list[str]) -> None:
+    """A data string must name concepts the data has and folders that exist."""
+    from diffimmune.data.sources import parse_filter
+
+    try:
+        if spec.startswith("world:"):
+            if world is None:
+                errors.append(
+                    f"{where}: '{spec}' draws from the concept world, but the model is not a world model"
+                )
+                return
+            column, _, values = parse_filter(spec.removeprefix("world:"))
+            factors = {
+                "shape": world.shapes,
+                "style": world.styles,
+                "colour": list(world.colours),
+                "background": list(world.backgrounds),
+            }
+            if column not in factors:
+                errors.append(f"{where}: the world has no column '{column}'; it has {', '.join(factors)}")
+                return
+            for value in values:
+                if value not in factors[column]:
+                    errors.append(
+                        f"{where}: the world has no {column} '{value}'; it has {', '.join(factors[column])}"
+                    )
+            return
+        folder, _, concept = spec.partition("::")
+        if not Path(folder).is_dir():
+            problem = f"image folder {folder} does not exist; give a captioned image folder"
+            if not any(e.endswith(problem) for e in errors):  # once, at the first field that names it
+                errors.append(f"{where}: {problem}")
+            return
+        from diffimmune.data.concepts import ConceptSet
+
+        concept_set = ConceptSet.from_folder(folder)
+        if concept:
+            concept_set.select(concept)
+    except DiffImmuneError as error:
+        errors.append(f"{where}: {error}")
+
+
+def validate_experiment(data: dict, source: str = "experiment") -> ExperimentPlan:
+    """Validate the whole experiment; every problem is reported at once, each naming its field."""
+    from diffimmune.attacks.presets import world_attack
+    from diffimmune.methods.common import ImmunizeConfig, concept_word
+
+    try:
+        experiment = Experiment.model_validate(data)
+    except ValidationError as error:
+        # Report the top-level errors together with those of the sections that did parse.
+        errors = _errors_of(error, "")
+        errors += _section_errors(data)
+        raise DiffImmuneError(f"{source}: {len(errors)} error(s): " + "; ".join(errors)) from None
+    errors: list[str] = []
+    world = _world_of(experiment.model)
+    if experiment.model not in (WORLD_MODEL,) and not experiment.model.startswith(WORLD_MODEL + ":"):
+        path = Path(experiment.model)
+        looks_local = path.is_absolute() or experiment.model.startswith(".") or path.exists()
+        if looks_local and not path.exists():
+            errors.append(
+                f"model: {experiment.model} does not exist; give a diffusers folder, a hub id or 'world'"
+            )
+    if experiment.data is not None and not Path(experiment.data).is_dir():
+        errors.append(f"data: image folder {experiment.data} does not exist; give a captioned image folder")
+    targets = []
+    for index, concept in enumerate(experiment.targets):
+        spec = _target_spec(concept, experiment.data, world)
+        if spec is None:
+            errors.append(f"targets.{index}: '{concept}' needs data: set `data:` to a captioned image folder")
+            continue
+        _check_data(spec, world, f"targets.{index}", errors)
+        targets.append(spec)
+    words = []
+    for spec in targets:
+        try:
+            words.append(concept_word(spec))
+        except DiffImmuneError as error:
+            errors.append(f"targets: {error}")
+    plan = ExperimentPlan(experiment, source, world, targets, words)
+
+    models = [BASE] + ([ERASED] if experiment.erase else [])
+    for name, raw in experiment.defences.items():
+        where = f"defences.{name}"
+        if name in (BASE, ERASED):
+            errors.append(f"{where}: '{name}' is reserved for the base/erased model; choose another name")
+            continue
+        settings = dict(raw or {})
+        start = settings.pop("on", ERASED if experiment.erase else BASE)
+        if start not in models:
+            errors.append(f"{where}.on: '{start}' is not a model here; use {' or '.join(models)}")
+        given_concepts = "concepts" in settings  # the defaults were checked as `targets`
+        settings.setdefault("concepts", targets)
+        settings.setdefault("seed", experiment.seed)
+        try:
+            config = ImmunizeConfig.model_validate(settings)
+        except ValidationError as error:
+            errors += _errors_of(error, f"{where}.")
+            continue
+        for index, spec in enumerate(config.concepts if given_concepts else []):
+            _check_data(spec, world, f"{where}.concepts.{index}", errors)
+        plan.defences[name] = config
+        plan.defence_models[name] = start
+    models += list(experiment.defences)
+
+    for name, raw in experiment.attacks.items():
+        plan.attacks += _attack_plans(name, dict(raw or {}), plan, world_attack, errors)
+
+    chosen = experiment.attack_models
+    if chosen is None:
+        chosen = ([ERASED] if experiment.erase else [BASE]) + list(experiment.defences)
+    for index, name in enumerate(chosen):
+        if name not in models:
+            errors.append(f"attack_models.{index}: '{name}' is not a model here; known: {', '.join(models)}")
+    plan.attack_models = list(chosen)
+    if errors:
+        raise DiffImmuneError(f"{source}: {len(errors)} error(s): " + "; ".join(errors))
+    return plan
+
+
+def _section_errors(data: dict) -> list[str]:
+    """Field errors of the defences and attacks, for when the top level itself failed to validate."""
+    from diffimmune.methods.common import ImmunizeConfig
+
+    errors = []
+    for section, model_type in (("defences", ImmunizeConfig), ("attacks", AttackConfig)):
+        entries = data.get(section)
+        if not isinstance(entries, dict):
+            continue
+        for name, raw in entries.items():
+            if not isinstance(raw, dict):
+                continue
+            settings = {k: v for k, v in raw.items() if k not in ("on", "preset", "per_target")}
+            if section == "defences":
+                settings.setdefault("concepts", ["world:shape=x"])
+            else:
+                settings.setdefault("data", "world:shape=x")
+                if "preset" in raw:
+                    settings.setdefault("method", raw["preset"])
+                    settings.setdefault("learning_rate", 1.0)
+            try:
+                model_type.model_validate(settings)
+            except ValidationError as error:
+                errors += _errors_of(error, f"{section}.{name}.")
+    return errors
+
+
+def _attack_plans(name, settings, plan: ExperimentPlan, world_attack, errors) -> list[AttackPlan]:
+    where = f"attacks.{name}"
+    preset = settings.pop("preset", None)
+    # A preset teaches a concept with a placeholder token: one attack per target, not one token for all.
+    per_target = bool(settings.pop("per_target", preset is not None))
+    experiment = plan.experiment
+    settings.setdefault("seed", experiment.seed)
+    benign = (settings.get("method") or preset) == "benign"
+    target_filters = [f"shape={w}" if "=" not in w else w for w in plan.target_words]
+    targets_data = plan.targets
+    groups: list[tuple[str, list[str], list[str]]]  # (name, data specs, evaluation targets)
+    if benign:  # data without the targets; measured on the targets
+        groups = [(name, [settings.get("data", "")], target_filters)]
+    elif "data" in settings:  # measured on what its data teaches (evaluate.py reads the filter)
+        groups = [(name, [settings["data"]], [])]
+    elif per_target:
+        groups = [
+            (f"{name}-{w}", [spec], [f])
+            for w, spec, f in zip(plan.target_words, targets_data, target_filters, strict=False)
+        ]
+    else:
+        groups = [(name, targets_data, target_filters)]
+    plans = []
+    for attack_name, specs, eval_targets in groups:
+        values = dict(settings)
+        if "data" not in values:
+            if benign and plan.world is not None:
+                values["data"] = "world:shape!=" + ",".join(plan.target_words)
+            elif all(s.startswith("world:shape=") for s in specs):
+                values["data"] = "world:shape=" + ",".join(s.removeprefix("world:shape=") for s in specs)
+            elif len(specs) == 1:
+                values["data"] = specs[0]
+            else:
+                errors.append(f"{where}.data: give the attack's data (pooled targets need world data)")
+                continue
+        if preset is not None:
+            if preset not in ATTACK_METHODS:
+                errors.append(
+                    f"{where}.preset: unknown preset '{preset}'; known: {', '.join(ATTACK_METHODS)}"
+                )
+                continue
+            steps = values.pop("steps", 400)
+            try:
+                base = world_attack(
+                    preset, concept=plan.target_words[0] if plan.target_words else "heart", steps=steps
+                )
+            except ValidationError as error:
+                errors += _errors_of(error, f"{where}.")
+                continue
+            values = {**base.model_dump(exclude_unset=True), **values, "steps": steps}
+        try:
+            config = AttackConfig.model_validate(values)
+        except ValidationError as error:
+            errors += _errors_of(error, f"{where}.")
+            continue
+        if "data" in settings:  # data made from the targets was checked as `targets`
+            _check_data(config.data, plan.world, f"{where}.data", errors)
+        if not eval_targets:
+            from diffimmune.eval.evaluate import target_concepts
+
+            try:
+                eval_targets = [f"{column}={value}" for column, value in target_concepts(config, None)]
+            except DiffImmuneError:
+                eval_targets = []
+        plans.append(AttackPlan(attack_name, config, eval_targets))
+    return plans
+
+
+# ----------------------------------------------------------------------------------------- hashing
+def stage_hash(*parts) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+@dataclass
+class Stage:
+    """One unit of work: its kind, display name, folder, and what it costs."""
+
+    kind: Literal["world", "erase", "immunize", "attack", "evaluate", "report"]
+    name: str
+    folder: Path
+    key: str
+    training_steps: int = 0
+    images: int = 0
+    model: str = ""
+
+    @property
+    def done(self) -> bool:
+        if self.kind == "evaluate":
+            return self.folder.is_file()
+        record = self.folder / STAGE_FILE
+        return record.is_file() and json.loads(record.read_text()).get("key") == self.key
+
+
+def build_stages(plan: ExperimentPlan, run_dir: Path) -> list[Stage]:
+    """Every stage of the experiment, in order, with its folder and hash (nothing is run)."""
+    experiment = plan.experiment
+    base_key = stage_hash("model", experiment.model)
+    keys = {BASE: base_key}
+    folders: dict[str, Path] = {}
+    stages: list[Stage] = []
+    if experiment.erase is not None:
+        erase = experiment.erase
+        key = stage_hash("erase", base_key, erase.model_dump(mode="json"), plan.targets)
+        folder = run_dir / "erase" / f"{erase.method}-{key}"
+        steps = erase.steps if erase.method == "esd" else 0
+        stages.append(Stage("erase", ERASED, folder, key, training_steps=steps, model=BASE))
+        keys[ERASED], folders[ERASED] = key, folder
+    for name, config in plan.defences.items():
+        start = plan.defence_models[name]
+        key = stage_hash("immunize", keys[start], config.model_dump(mode="json"))
+        folder = run_dir / "immunize" / f"{name}-{key}"
+        stages.append(Stage("immunize", name, folder, key, training_steps=config.steps, model=start))
+        keys[name], folders[name] = key, folder
+    settings = experiment.evaluate
+    for model in plan.attack_models:
+        for attack in plan.attacks:
+            config = attack.config
+            key = stage_hash("attack", keys[model], config.model_dump(mode="json"))
+            folder = run_dir / "attacks" / f"{model}-{key}" / attack.name
+            images = config.num_images + (config.num_class_images if config.prior_preservation else 0)
+            stages.append(
+                Stage("attack", f"{model} / {attack.name}", folder, key, config.steps, images, model=model)
+            )
+            eval_key = stage_hash("evaluate", key, settings.model_dump(mode="json"), attack.targets)
+            others = _other_count(plan, attack.targets, settings.other_concepts)
+            per_step = settings.samples * (len(attack.targets) + others)
+            stages.append(
+                Stage(
+                    "evaluate",
+                    f"{model} / {attack.name}",
+                    folder / f"eval-{eval_key}.csv",
+                    eval_key,
+                    images=per_step * len(config.checkpoints()),
+                    model=model,
+                )
+            )
+    stages.append(
+        Stage("report", "report", run_dir / "report.html", stage_hash("report", [s.key for s in stages]))
+    )
+    return stages
+
+
+def _other_count(plan: ExperimentPlan, targets: list[str], limit: int | None) -> int:
+    if plan.world is None:
+        return 0
+    shapes = {t.partition("=")[2] for t in targets if t.startswith("shape=")}
+    count = len([s for s in plan.world.known_shapes if s not in shapes])
+    return min(count, limit) if limit else count
+
+
+def describe_plan(plan: ExperimentPlan, stages: list[Stage]) -> list[str]:
+    """One line per stage: kind, name, cached or to run, training steps and images."""
+    lines = [
+        f"experiment {plan.experiment.name}: model {plan.experiment.model}, targets {', '.join(plan.target_words)}"
+    ]
+    total_steps = total_images = 0
+    for stage in stages:
+        if stage.kind == "report":
+            continue
+        state = "cached" if stage.done else "to run"
+        cost = []
+        if stage.training_steps:
+            cost.append(f"{stage.training_steps} training steps")
+        if stage.images:
+            verb = "images generated" if stage.kind == "evaluate" else "training images"
+            cost.append(f"{stage.images} {verb}")
+        if not stage.done:
+            total_steps += stage.training_steps
+            total_images += stage.images if stage.kind == "evaluate" else 0
+        lines.append(f"  {stage.kind:<9} {stage.name:<32} {state:<7} {', '.join(cost) or 'closed form'}")
+    lines.append(f"to run: {total_steps} training steps, {total_images} evaluation images")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------- running
+@dataclass
+class ExperimentResult:
+    run_dir: Path
+    executed: list[str]  # "kind:name" of the stages that ran (not cached)
+    metrics_csv: Path | None
+    report: Path | None
+    model_sources: dict[str, str]
+    seconds: float
+
+    def summary(self) -> dict:
+        from diffimmune.eval.evaluate import read_metrics_csv
+
+        return summarise(read_metrics_csv(self.metrics_csv), self.model_sources) if self.metrics_csv else {}
+
+
+def resolve_model(model: str, log: Callable[[str], None]) -> str:
+    """'world' / 'world:PRESET' -> the built (or cached, or shipped) world model folder."""
+    if model == WORLD_MODEL or model.startswith(WORLD_MODEL + ":"):
+        from diffimmune.recipes.world_build import build_world
+
+        return str(build_world(model.partition(":")[2] or "default", progress=True, log=log).model_dir)
+    return model
+
+
+def run_experiment(
+    plan: ExperimentPlan,
+    run_dir: str | Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> ExperimentResult:
+    """Run every stage that is not cached; returns where things are and which stages ran."""
+    from diffimmune.attacks.runner import run_attack
+    from diffimmune.data.sources import model_world
+    from diffimmune.eval.evaluate import EvalSettings, evaluate_attack, read_metrics_csv, write_metrics_csv
+    from diffimmune.methods.common import immunize
+    from diffimmune.models.diffusion_model import load_model
+    from diffimmune.report.report import write_report
+
+    began = time.perf_counter()
+    run_dir = ensure_writable_folder(run_dir, "run folder")
+    experiment = plan.experiment
+    write_json_atomic(run_dir / "experiment.json", experiment.model_dump(mode="json"))
+    stages = build_stages(plan, run_dir)
+    load_options = {
+        "allow_pickle": experiment.allow_pickle,
+        "trust_remote_code": experiment.trust_remote_code,
+    }
+    sources = {BASE: resolve_model(experiment.model, log)}
+    executed: list[str] = []
+
+    def finish(stage: Stage, started: float, extra: dict | None = None) -> None:
+        executed.append(f"{stage.kind}:{stage.name}")
+        record = {
+            "key": stage.key,
+            "kind": stage.kind,
+            "name": stage.name,
+            "seconds": time.perf_counter() - started,
+        }
+        write_json_atomic(stage.folder / STAGE_FILE, record | (extra or {}))
+
+    settings = experiment.evaluate
+    eval_settings = EvalSettings(
+        samples=settings.samples,
+        steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        references=settings.references,
+        other_concepts=settings.other_concepts,
+        fid=settings.fid,
+    )
+    rows: list[dict] = []
+    attack_dirs: list[Path] = []
+    plans_by_name = {f"{m} / {a.name}": a for m in plan.attack_models for a in plan.attacks}
+    for stage in stages:
+        started = time.perf_counter()
+        if stage.kind == "erase":
+            if not stage.done:
+                log(f"erase: {experiment.erase.method} on {', '.join(plan.target_words)}")
+                _erase(plan, load_model(sources[BASE], **load_options), stage.folder, progress)
+                finish(stage, started)
+            sources[ERASED] = str(stage.folder.resolve())
+        elif stage.kind == "immunize":
+            if not stage.done:
+                log(
+                    f"immunize: {stage.name} ({plan.defences[stage.name].method}, {stage.training_steps} steps)"
+                )
+                model = load_model(sources[stage.model], **load_options)
+                immunize(
+                    model,
+                    plan.defences[stage.name],
+                    stage.folder,
+                    resume=True,
+                    progress=progress,
+                    world=model_world(model),
+                    log=log,
+                )
+                finish(stage, started)
+            sources[stage.name] = str((stage.folder / "delta").resolve())
+        elif stage.kind == "attack":
+            attack = plans_by_name[stage.name]
+            if not stage.done:
+                log(f"attack: {stage.name} ({attack.config.method}, {attack.config.steps} steps)")
+                model = load_model(sources[stage.model], **load_options)
+                run_attack(
+                    model,
+                    attack.config,
+                    stage.folder,
+                    resume=True,
+                    progress=progress,
+                    world=model_world(model),
+                )
+                finish(stage, started)
+            attack_dirs.append(stage.folder)
+        elif stage.kind == "evaluate":
+            attack = plans_by_name[stage.name]
+            if not stage.done:
+                log(f"evaluate: {stage.name}")
+                found = evaluate_attack(stage.folder.parent, eval_settings, attack.targets, log=log)
+                for row in found:
+                    row["attack"] = attack.name
+                write_metrics_csv(found, stage.folder)
+                executed.append(f"evaluate:{stage.name}")
+            rows += read_metrics_csv(stage.folder)
+        elif stage.kind == "report":
+            metrics_csv = write_metrics_csv(rows, run_dir / "metrics.csv")
+            names = {source: name for name, source in sources.items()}
+            markdown, html = write_report(
+                run_dir,
+                title=experiment.report.title or experiment.name,
+                reference_model=sources.get(ERASED, sources[BASE]),
+                attack_dirs=attack_dirs,
+                model_names=names,
+            )
+            executed.append("report:report")
+    return ExperimentResult(run_dir, executed, metrics_csv, html, sources, time.perf_counter() - began)
+
+
+def _erase(plan: ExperimentPlan, model, out_dir: Path, progress: bool) -> None:
+    from diffimmune.data.sources import model_world
+    from diffimmune.methods.common import ImmunizeConfig, immunize
+    from diffimmune.methods.uce import UCEConfig, erase_with_uce
+
+    erase = plan.experiment.erase
+    words = erase.concepts or plan.target_words
+    if erase.method == "uce":
+        preserve = erase.preserve
+        if preserve is None:
+            preserve = [s for s in plan.world.known_shapes if s not in words] if plan.world else []
+        config = UCEConfig(
+            concepts=words,
+            guide=erase.guide,
+            preserve=preserve,
+            lamb=erase.lamb,
+            erase_scale=erase.erase_scale,
+            preserve_scale=erase.preserve_scale,
+        )
+        erase_with_uce(model, config, out_dir)
+        return
+    specs = [_target_spec(w, plan.experiment.data, plan.world) for w in words]
+    config = ImmunizeConfig(
+        method="esd",
+        concepts=specs,
+        esd_variant=erase.esd_variant,
+        steps=erase.steps,
+        learning_rate=erase.learning_rate,
+        seed=plan.experiment.seed,
+    )
+    immunize(model, config, out_dir, resume=True, progress=progress, world=model_world(model))
+
+
+# ----------------------------------------------------------------------------------------- the demo
+# `diffimmune demo`: the main job on the embedded default (configs/demo.yaml is the same experiment).
+DEMO_EXPERIMENT: dict = {
+    "name": "demo",
+    "model": WORLD_MODEL,
+    "targets": ["star", "square"],
+    "erase": {"method": "uce"},
+    "defences": {"mima": {"method": "mima", "steps": 150, "retain_weight": 1.0, "max_loss": 0.3}},
+    "attacks": {
+        "lora": {
+            "method": "lora",
+            "learning_rate": 3.0e-3,
+            "rank": 4,
+            "steps": 400,
+            "num_images": 20,
+            "save_at": [0, 100, 200, 400],
+        }
+    },
+    "evaluate": {"samples": 8},
+    "report": {"title": "diffimmune demo: UCE-erased vs MIMA-immunized, under a LoRA re-learning attack"},
+}
+
+
+def summary_lines(summary: dict, immunized: str = "mima", baseline: str = ERASED) -> list[str]:
+    """The demo's three lines: target detection after the attack with and without immunization, and
+    safe-concept retention."""
+
+    def pct(name: str, key: str) -> str:
+        value = summary.get(name, {}).get(key)
+        return "n/a" if value is None else f"{value:.0%}"
+
+    return [
+        f"target detection after the attack: {baseline} {pct(baseline, 'target_after_attack')}, "
+        f"{immunized} {pct(immunized, 'target_after_attack')} (lower is better)",
+        f"target detection before the attack: {baseline} {pct(baseline, 'target_before_attack')}, "
+        f"{immunized} {pct(immunized, 'target_before_attack')}",
+        f"safe-concept retention (other shapes detected, no attack): {baseline} "
+        f"{pct(baseline, 'other_concepts')}, {immunized} {pct(immunized, 'other_concepts')}",
+    ]
+
+
+# ----------------------------------------------------------------------------------------- summary
+def summarise(rows: list[dict], sources: dict[str, str]) -> dict:
+    """Per model: target detection at the first and last attack step (mean over attacks and targets),
+    and the other concepts' detection before any attack (step 0)."""
+    by_source = {source: name for name, source in sources.items()}
+    targets: dict[str, dict[str, list[float]]] = {}
+    others: dict[str, list[float]] = {}
+    last_step: dict[tuple[str, str], int] = {}
+    target_concepts = set()  # evaluate.py writes best_of_25 for the target concepts only
+    for row in rows:
+        key = (row["model"], row["attack"])
+        last_step[key] = max(last_step.get(key, 0), row["step"])
+        if row["metric"] == "best_of_25":
+            target_concepts.add((*key, row["concept"]))
+    for row in rows:
+        if row["metric"] != "detection":
+            continue
+        name = by_source.get(row["model"], row["model"])
+        key = (row["model"], row["attack"])
+        if (*key, row["concept"]) in target_concepts:
+            slot = "last" if row["step"] == last_step[key] else ("first" if row["step"] == 0 else None)
+            if slot:
+                targets.setdefault(name, {}).setdefault(slot, []).append(row["value"])
+        elif row["step"] == 0:
+            others.setdefault(name, []).append(row["value"])
+    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    return {
+        name: {
+            "target_before_attack": mean(targets.get(name, {}).get("first", [])),
+            "target_after_attack": mean(targets.get(name, {}).get("last", [])),
+            "other_concepts": mean(others.get(name, [])),
+        }
+        for name in sorted(set(targets) | set(others))
+    }

@@ -1,0 +1,232 @@
+"""GIFT on the fast world: it trains exactly its selection and reloads from its run folder, its
+representation-noising term pulls target activations towards noise (and beta=0 turns it off), its hooks
+never outlive a step, its unrolled gradient is the true gradient through the preservation step, the same
+config and seed give the same delta, and the CLI writes a delta or fails in one line naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffimmune.cli import app
+from diffimmune.data.sources import model_world
+from diffimmune.errors import DiffImmuneError
+from diffimmune.methods.common import Context, ImmunizeConfig, immunize, method_registry
+from diffimmune.methods.gift import _fixed_draws
+from diffimmune.models.diffusion_model import load_model
+from diffimmune.models.params import select_parameters
+
+runner = CliRunner()
+
+SMALL = {"steps": 2, "batch_size": 2, "num_images": 4, "reg_prompts": 16, "checkpoint_every": 1}
+
+
+def gift_config(concepts=("star", "square"), **overrides):
+    return ImmunizeConfig(
+        method="gift", concepts=[f"world:shape={c}" for c in concepts], **{**SMALL, **overrides}
+    )
+
+
+def make_gift(model, config, folder):
+    return method_registry()["gift"](Context(model, config, folder, model_world(model)))
+
+
+def released(method):
+    named = method.model.named_parameters()
+    return {n: named[n].detach().clone() for n in method.theta_names}
+
+
+@pytest.mark.parametrize("selection", [None, "attn"])
+def test_gift_changes_only_its_selection_and_reloads_from_the_run_folder(world_model, tmp_path, selection):
+    before = {n: t.detach().clone() for n, t in world_model.named_parameters().items()}
+    config = gift_config(selection=selection)
+    run = immunize(world_model, config, tmp_path / "run", progress=False, world=model_world(world_model))
+    after = world_model.named_parameters()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    selected = set(select_parameters(world_model, selection or "xattn"))
+    assert changed and changed <= selected
+    assert changed == set(run.changed)
+    assert len(changed) >= len(selected) // 2
+    manifest = json.loads((run.delta_dir / "manifest.json").read_text())
+    assert manifest["method"] == "gift"
+    reloaded = load_model(tmp_path / "run")
+    for name in changed:
+        assert torch.equal(reloaded.named_parameters()[name], after[name])
+
+
+def mean_mmd_to_noise(model, folder):
+    """The representation term on fixed target batches and noise draws, at the model's own weights."""
+    method = make_gift(model, gift_config(("star",), batch_size=4, num_images=8), folder)
+    generator = torch.Generator().manual_seed(123)
+    theta = released(method)
+    values = []
+    with torch.no_grad():
+        for index in range(4):
+            batch = method.context.batch(method.context.concepts[0], generator, with_prior=False)
+            batch = _fixed_draws(model, batch, generator)
+            values.append(method.upper_terms(theta, batch, seed=1000 + index)[1].item())
+    return sum(values) / len(values)
+
+
+def test_representation_noising_pulls_target_activations_towards_noise(fast_world, tmp_path):
+    model_dir, world = fast_world[1].model_dir, None
+    start = mean_mmd_to_noise(load_model(model_dir), tmp_path / "measure")
+    end = {}
+    for beta in (10.0, 0.0):
+        model = load_model(model_dir)
+        world = world or model_world(model)
+        config = gift_config(
+            ("star",), steps=5, batch_size=4, num_images=8, learning_rate=1e-3, beta=beta,
+            hypergradient="first_order",
+        )  # fmt: skip
+        immunize(model, config, tmp_path / f"beta{beta}", progress=False, world=world)
+        end[beta] = mean_mmd_to_noise(model, tmp_path / "measure")
+    assert end[10.0] < start - 0.01, (start, end)
+    assert end[10.0] < end[0.0] - 0.01, (start, end)  # the term, not the loss ascent, moved them
+
+
+def test_beta_zero_turns_representation_noising_off(world_model, tmp_path):
+    steps = {}
+    for beta in (1.0, 0.0):
+        method = make_gift(world_model, gift_config(beta=beta), tmp_path / str(beta))
+        steps[beta] = method.step(released(method), 0, torch.Generator().manual_seed(7))
+    assert "mmd" in steps[1.0].metrics and "mmd" not in steps[0.0].metrics
+    assert steps[1.0].metrics["target_loss"] == pytest.approx(steps[0.0].metrics["target_loss"])
+    difference = [(steps[1.0].grads[n] - steps[0.0].grads[n]).norm() for n in steps[0.0].grads]
+    assert max(difference) > 1e-6  # the representation term has a gradient of its own
+
+
+def test_no_hook_is_left_on_the_denoiser_after_a_step(world_model, tmp_path):
+    method = make_gift(world_model, gift_config(hypergradient="unrolled"), tmp_path)
+    assert method.noise_modules
+    output = method.step(released(method), 0, torch.Generator().manual_seed(3))
+    assert output.metrics["mmd"] > 0
+    for name, module in world_model.unet.named_modules():
+        assert not module._forward_hooks, f"hook left on {name!r}"
+
+
+def test_the_preservation_step_is_written_into_the_released_weights(world_model, tmp_path):
+    method = make_gift(world_model, gift_config(inner_learning_rate=1e-2), tmp_path)
+    params = released(method)
+    start = {n: v.clone() for n, v in params.items()}
+    method.step(params, 0, torch.Generator().manual_seed(5))
+    assert any(not torch.equal(params[n], start[n]) for n in params)
+
+
+def test_unrolled_gradient_matches_central_finite_differences(world_model, tmp_path):
+    for module in (world_model.unet, world_model.text_encoder, world_model.vae):
+        module.to(torch.float64)
+    # beta 0: the MMD's median bandwidth is held fixed on purpose (core.mmd), which differences would see.
+    config = gift_config(("star",), batch_size=1, num_images=2, beta=0.0, inner_learning_rate=0.5)
+    method = make_gift(world_model, config, tmp_path)
+    theta = released(method)
+
+    def upper_value(values):
+        # The step writes the preserved weights back into its input: give it a copy.
+        copy = {n: v.clone() for n, v in values.items()}
+        return method.step(copy, 0, torch.Generator().manual_seed(11)).loss
+
+    output = method.step({n: v.clone() for n, v in theta.items()}, 0, torch.Generator().manual_seed(11))
+    generator = torch.Generator().manual_seed(3)
+    direction = {n: torch.randn(t.shape, generator=generator, dtype=t.dtype) for n, t in theta.items()}
+    analytic = sum((output.grads[n] * direction[n]).sum() for n in theta).item()
+    epsilon = 1e-5
+    plus = upper_value({n: theta[n] + epsilon * direction[n] for n in theta})
+    minus = upper_value({n: theta[n] - epsilon * direction[n] for n in theta})
+    numeric = (plus - minus) / (2 * epsilon)
+    assert abs(analytic - numeric) / abs(numeric) < 1e-3, (analytic, numeric)
+
+
+def test_same_config_and_seed_give_the_same_delta(fast_world, tmp_path):
+    model_dir = fast_world[1].model_dir
+    config = gift_config(steps=3)
+    runs = []
+    for name in ("a", "b"):
+        model = load_model(model_dir)
+        runs.append(immunize(model, config, tmp_path / name, progress=False, world=model_world(model)))
+    a, b = (load_model(run.out_dir).named_parameters() for run in runs)
+    assert runs[0].changed == runs[1].changed and runs[0].changed
+    for name in runs[0].changed:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_killed_run_resumes_to_the_same_delta(fast_world, tmp_path):
+    model_dir = fast_world[1].model_dir
+    config = gift_config(steps=4)
+    world = model_world(load_model(model_dir))
+
+    def run(steps, folder):
+        short = config.model_copy(update={"steps": steps})
+        return immunize(load_model(model_dir), short, tmp_path / folder, progress=False, world=world)
+
+    straight = run(4, "straight")
+    run(2, "killed")  # stopped after step 2: its checkpoint holds the weights and the optimiser state
+    resumed = run(4, "killed")
+    a = load_model(straight.out_dir).named_parameters()
+    b = load_model(resumed.out_dir).named_parameters()
+    assert straight.changed
+    for name in straight.changed:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_noise_layer_pattern_matching_no_module_is_an_error_naming_the_field(world_model, tmp_path):
+    with pytest.raises(DiffImmuneError) as caught:
+        make_gift(world_model, gift_config(noise_layers=["mid_block", "middle_block"]), tmp_path)
+    message = str(caught.value)
+    assert "noise_layers" in message and "middle_block" in message and "\n" not in message
+    # With representation noising off the patterns are never used, so they are not checked.
+    make_gift(world_model, gift_config(noise_layers=["middle_block"], beta=0.0), tmp_path)
+
+
+def test_cli_immunize_gift_writes_a_delta(fast_world, tmp_path):
+    model_dir = fast_world[1].model_dir
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        ["immunize", "--model", str(model_dir), "--method", "gift", "--concepts", "star,square",
+         "--steps", "2", "--beta", "0.5", "--hypergradient", "first_order", "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "delta" / "manifest.json").read_text())
+    assert manifest["method"] == "gift" and manifest["hyperparameters"]["beta"] == 0.5
+    immunized, original = load_model(out), load_model(model_dir)
+    changed = [
+        n
+        for n, t in immunized.named_parameters().items()
+        if not torch.equal(t, original.named_parameters()[n])
+    ]
+    assert changed and set(changed) <= set(select_parameters(original, "xattn"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"noise_layers": ["down_blocks.*", "nowhere"]}, "noise_layers"),
+        ({"mmd_bandwidths": [1.0, -2.0]}, "mmd_bandwidths"),
+        ({"beta": -1}, "beta"),
+    ],
+)
+def test_cli_bad_gift_settings_are_one_line(fast_world, tmp_path, settings, message):
+    import yaml
+
+    config = tmp_path / "gift.yaml"
+    config.write_text(yaml.safe_dump({"method": "gift", "concepts": ["world:shape=star"], **settings}))
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app, ["immunize", "--model", str(fast_world[1].model_dir), "--config", str(config), "--out", str(out)]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (out / "delta").exists()
+
+
+def test_a_concept_past_max_loss_is_no_longer_ascended(world_model, tmp_path):
+    config = gift_config(beta=0.0, max_loss=1e-6)  # every target loss exceeds it
+    method = make_gift(world_model, config, tmp_path)
+    output = method.step(released(method), 0, torch.Generator().manual_seed(2))
+    assert output.metrics["target_loss"] > 1e-6
+    assert all(torch.count_nonzero(grad) == 0 for grad in output.grads.values())

@@ -1,0 +1,197 @@
+"""The experiment pipeline: the whole file is validated first (every error at once), stages are cached by
+the hash of what made them (editing one attack re-runs only that attack), a run killed in the attack
+stage resumes to the same numbers, and `diffimmune run --dry-run` prints the plan without running it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from diffimmune.cli import app
+from diffimmune.errors import DiffImmuneError
+from diffimmune.pipeline import DEMO_EXPERIMENT, build_stages, run_experiment, validate_experiment
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_experiment(model_dir) -> dict:
+    """Two shapes of the fast world, UCE, a 2-step IMMA, two 2-step LoRA attacks, a tiny evaluation."""
+    return {
+        "name": "tiny",
+        "model": str(model_dir),
+        "targets": ["star"],
+        "erase": {"method": "uce"},
+        "defences": {
+            "imma": {
+                "method": "imma",
+                "steps": 2,
+                "batch_size": 2,
+                "num_images": 4,
+                "hypergradient": "first_order",
+                "checkpoint_every": 1,
+            }
+        },
+        "attacks": {
+            "lora": {
+                "method": "lora",
+                "learning_rate": 3e-3,
+                "steps": 4,
+                "num_images": 4,
+                "save_at": [0, 2, 4],
+            },
+            "lora_fast": {
+                "method": "lora",
+                "learning_rate": 1e-2,
+                "steps": 2,
+                "num_images": 4,
+                "save_at": [0, 2],
+            },
+        },
+        "evaluate": {"samples": 2, "steps": 2, "references": 4, "other_concepts": 1, "fid": False},
+    }
+
+
+def test_validation_reports_every_error_at_once_each_naming_its_field(fast_world, tmp_path):
+    experiment = tiny_experiment(fast_world[1].model_dir)
+    experiment["targets"] = ["star", "hexagon"]  # no such shape in the world
+    experiment["defences"]["bad"] = {"method": "vaccine"}  # unknown method
+    experiment["attacks"]["lora"]["learning_rate"] = -1.0
+    experiment["attacks"]["folder"] = {
+        "method": "lora",
+        "learning_rate": 1e-3,
+        "data": str(tmp_path / "missing"),
+    }
+    with pytest.raises(DiffImmuneError) as caught:
+        validate_experiment(experiment, "exp.yaml")
+    message = str(caught.value)
+    assert "4 error(s)" in message
+    assert "targets.1: the world has no shape 'hexagon'" in message
+    assert "defences.bad.method" in message
+    assert "attacks.lora.learning_rate" in message
+    assert f"attacks.folder.data: image folder {tmp_path / 'missing'} does not exist" in message
+    assert "\n" not in message
+
+
+def test_top_level_errors_come_with_the_sections_errors(tmp_path):
+    experiment = {"targets": [], "attacks": {"a": {"method": "lora", "learning_rate": 0}}, "colour": 1}
+    with pytest.raises(DiffImmuneError) as caught:
+        validate_experiment(experiment)
+    message = str(caught.value)
+    assert "targets" in message and "colour" in message and "attacks.a.learning_rate" in message
+
+
+def test_the_cache_reruns_only_what_changed(fast_world, tmp_path):
+    experiment = tiny_experiment(fast_world[1].model_dir)
+    first = run_experiment(
+        validate_experiment(experiment), tmp_path / "run", progress=False, log=lambda m: None
+    )
+    kinds = [e.split(":")[0] for e in first.executed]
+    # erase, immunize, 2 models x 2 attacks (each attacked and evaluated), report
+    assert kinds.count("erase") == 1 and kinds.count("immunize") == 1
+    assert kinds.count("attack") == 4 and kinds.count("evaluate") == 4 and kinds.count("report") == 1
+    assert (tmp_path / "run" / "report.html").is_file()
+
+    again = run_experiment(
+        validate_experiment(experiment), tmp_path / "run", progress=False, log=lambda m: None
+    )
+    assert again.executed == ["report:report"]
+
+    experiment["attacks"]["lora_fast"]["learning_rate"] = 2e-2
+    edited = run_experiment(
+        validate_experiment(experiment), tmp_path / "run", progress=False, log=lambda m: None
+    )
+    assert sorted(edited.executed) == sorted(
+        [
+            "attack:erased / lora_fast",
+            "evaluate:erased / lora_fast",
+            "attack:imma / lora_fast",
+            "evaluate:imma / lora_fast",
+            "report:report",
+        ]
+    )
+    summary = edited.summary()
+    assert set(summary) == {"erased", "imma"}
+    assert all(0 <= v["target_after_attack"] <= 1 for v in summary.values())
+
+
+def test_a_run_killed_in_the_attack_stage_resumes_to_the_same_numbers(fast_world, tmp_path, monkeypatch):
+    import diffimmune.attacks.runner as attack_runner
+    from diffimmune.eval.evaluate import read_metrics_csv
+
+    experiment = tiny_experiment(fast_world[1].model_dir)
+    del experiment["defences"]
+    del experiment["attacks"]["lora_fast"]
+    straight = run_experiment(
+        validate_experiment(experiment), tmp_path / "straight", progress=False, log=lambda m: None
+    )
+
+    real = attack_runner.run_attack
+
+    def killed_after_two_steps(model, config, out_dir, **options):
+        real(model, config.model_copy(update={"steps": 2}), out_dir, **options)
+        raise KeyboardInterrupt  # the process dies between step 2 and step 3
+
+    monkeypatch.setattr(attack_runner, "run_attack", killed_after_two_steps)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(
+            validate_experiment(experiment), tmp_path / "killed", progress=False, log=lambda m: None
+        )
+    monkeypatch.setattr(attack_runner, "run_attack", real)
+    resumed = run_experiment(
+        validate_experiment(experiment), tmp_path / "killed", progress=False, log=lambda m: None
+    )
+    assert resumed.executed == ["attack:erased / lora", "evaluate:erased / lora", "report:report"]
+
+    def values(result):
+        rows = read_metrics_csv(result.metrics_csv)
+        return sorted((r["attack"], r["step"], r["concept"], r["metric"], r["value"]) for r in rows)
+
+    assert values(resumed) == values(straight)
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(fast_world, tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny_experiment(fast_world[1].model_dir)))
+    result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "immunize  imma" in result.output and "2 training steps" in result.output
+    # imma / lora: 3 saved steps x 2 samples x (1 target + 1 other concept)
+    assert "12 images generated" in result.output
+    assert not (tmp_path / "run" / "erase").exists()
+
+
+def test_run_with_a_bad_file_exits_with_one_line(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("targets: [star]\nattacks: {a: {method: lora, learning_rate: -1}}\n")
+    result = runner.invoke(app, ["run", str(path), "--dry-run"])
+    assert result.exit_code == 2
+    assert "attacks.a.learning_rate" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_stage_folders_are_keyed_by_the_configuration(fast_world, tmp_path):
+    experiment = tiny_experiment(fast_world[1].model_dir)
+    before = {s.name: s.folder for s in build_stages(validate_experiment(experiment), tmp_path)}
+    experiment["defences"]["imma"]["steps"] = 3
+    after = {s.name: s.folder for s in build_stages(validate_experiment(experiment), tmp_path)}
+    assert before["erased"] == after["erased"]
+    assert before["imma"] != after["imma"]
+    assert before["erased / lora"] == after["erased / lora"]
+    assert before["imma / lora"] != after["imma / lora"]  # downstream of the changed defence
+
+
+def test_the_shipped_demo_config_is_the_demo():
+    shipped = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    assert shipped == DEMO_EXPERIMENT
+
+
+def test_demo_dry_run_prints_its_plan_without_building_anything(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "targets star, square" in result.output
+    assert "immunize  mima" in result.output and "150 training steps" in result.output
+    assert not (tmp_path / "demo").exists()
