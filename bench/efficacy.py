@@ -182,9 +182,9 @@ def main() -> None:
     parser.add_argument("--sets", default="1,2,3")
     parser.add_argument("--defences", default=",".join(DEFENCES))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
-    parser.add_argument("--immunize-steps", type=int, default=100)
-    parser.add_argument("--attack-steps", type=int, default=200)
-    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--immunize-steps", type=int, default=80)
+    parser.add_argument("--attack-steps", type=int, default=150)
+    parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--other-concepts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true", help="print each set's plan and stop")
@@ -192,6 +192,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.sets, args.immunize_steps, args.attack_steps, args.samples = "1", 10, 20, 4
+        args.other_concepts = 2
         args.out = args.out.with_name("efficacy-quick.md")
     args.command = "python bench/efficacy.py" + (" --quick" if args.quick else "")
 
