@@ -59,12 +59,13 @@ def validate_config(data: dict, model_type: type[Model], source: str = "config")
         raise DiffImmuneError(format_validation_error(error, source)) from None
 
 
-def load_config(path: str | Path, model_type: type[Model]) -> Model:
+def read_config_file(path: str | Path, what: str = "config file") -> dict:
+    """The mapping a YAML or JSON file holds; one-line errors for a missing or malformed file."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise DiffImmuneError(f"config file {path} does not exist; check the path")
+        raise DiffImmuneError(f"{what} {path} does not exist; check the path")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -75,7 +76,11 @@ def load_config(path: str | Path, model_type: type[Model]) -> Model:
         ) from None
     if not isinstance(data, dict):
         raise DiffImmuneError(f"{path} must hold a mapping of settings at the top level")
-    return validate_config(data, model_type, str(path))
+    return data
+
+
+def load_config(path: str | Path, model_type: type[Model]) -> Model:
+    return validate_config(read_config_file(path), model_type, str(path))
 
 
 ATTACK_METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "full", "benign")

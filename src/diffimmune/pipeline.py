@@ -42,7 +42,13 @@ from typing import Literal
 
 from pydantic import Field, ValidationError
 
-from diffimmune.config import ATTACK_METHODS, AttackConfig, StrictModel, format_validation_error
+from diffimmune.config import (
+    ATTACK_METHODS,
+    AttackConfig,
+    StrictModel,
+    format_validation_error,
+    read_config_file,
+)
 from diffimmune.errors import DiffImmuneError
 from diffimmune.files import ensure_writable_folder, write_json_atomic
 
@@ -122,19 +128,7 @@ class ExperimentPlan:
 
 # ----------------------------------------------------------------------------------------- validation
 def load_experiment(path: str | Path) -> ExperimentPlan:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise DiffImmuneError(f"experiment file {path} does not exist; check the path")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise DiffImmuneError(f"{path} is not valid YAML/JSON: {str(error).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise DiffImmuneError(f"{path} must hold a mapping of settings at the top level")
-    return validate_experiment(data, str(path))
+    return validate_experiment(read_config_file(path, "experiment file"), str(path))
 
 
 def _errors_of(error: ValidationError, prefix: str) -> list[str]:
@@ -175,7 +169,7 @@ def _target_spec(concept: str, data: str | None, world) -> str | None:
 
 def _check_data(spec: str, world, where: str, errors: list[str]) -> None:
     """A data string must name concepts the data has and folders that exist."""
-    from diffimmune.data.sources import parse_filter
+    from diffimmune.data.sources import parse_filter, world_factors
 
     try:
         if spec.startswith("world:"):
@@ -185,12 +179,7 @@ def _check_data(spec: str, world, where: str, errors: list[str]) -> None:
                 )
                 return
             column, _, values = parse_filter(spec.removeprefix("world:"))
-            factors = {
-                "shape": world.shapes,
-                "style": world.styles,
-                "colour": list(world.colours),
-                "background": list(world.backgrounds),
-            }
+            factors = world_factors(world)
             if column not in factors:
                 errors.append(f"{where}: the world has no column '{column}'; it has {', '.join(factors)}")
                 return

@@ -217,3 +217,18 @@ def make_adapter(name: str, config: AdapterConfig | None = None) -> Adapter:
     if name not in ADAPTERS:
         raise DiffImmuneError(f"unknown adapter '{name}'; known: {', '.join(ADAPTERS)}")
     return ADAPTERS[name](config)
+
+
+def attack_adapter(config) -> Adapter:
+    """The adapter an `AttackConfig` trains (a real attack, or a fine-tune ResAlign simulates)."""
+    return make_adapter(
+        config.adapter_name,
+        AdapterConfig(
+            rank=config.rank,
+            alpha=config.alpha,
+            lora_targets=config.lora_targets,
+            token=config.token,
+            init_token=config.init_token,
+            seed=config.seed,
+        ),
+    )

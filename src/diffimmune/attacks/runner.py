@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from diffimmune.adapters.base import AdapterConfig, LoRAAdapter, make_adapter
+from diffimmune.adapters.base import LoRAAdapter, attack_adapter
 from diffimmune.adapters.lora import export_diffusers_lora
 from diffimmune.adapters.prior import class_images
 from diffimmune.config import AttackConfig, TrainConfig, load_config
@@ -47,20 +47,6 @@ def load_attack_config(path: str | Path) -> AttackConfig:
     return load_config(path, AttackConfig)
 
 
-def adapter_for(config: AttackConfig):
-    return make_adapter(
-        config.adapter_name,
-        AdapterConfig(
-            rank=config.rank,
-            alpha=config.alpha,
-            lora_targets=config.lora_targets,
-            token=config.token,
-            init_token=config.init_token,
-            seed=config.seed,
-        ),
-    )
-
-
 def run_attack(
     model,
     config: AttackConfig,
@@ -75,7 +61,7 @@ def run_attack(
     write_json_atomic(
         out_dir / "attack.json", {"config": config.model_dump(mode="json"), "model": model.source}
     )
-    adapter = adapter_for(config)
+    adapter = attack_adapter(config)
     data = load_concept_data(config.data, config.num_images, config.seed, world=world, size=model.image_size)
     with torch.no_grad():
         x0 = model.encode_images(data.images)

@@ -53,16 +53,21 @@ def parse_filter(text: str, default_column: str = "shape") -> tuple[str, bool, l
     return column.strip(), negate, values_list
 
 
+def world_factors(world) -> dict[str, list[str]]:
+    """The world's label columns and their values (what a `world:` filter can select)."""
+    return {
+        "shape": list(world.shapes),
+        "style": list(world.styles),
+        "colour": list(world.colours),
+        "background": list(world.backgrounds),
+    }
+
+
 def world_data(world, text: str, count: int, seed: int) -> ConceptData:
     from diffimmune.data.world import sample_world
 
     column, negate, values = parse_filter(text)
-    factors = {
-        "shape": world.shapes,
-        "style": world.styles,
-        "colour": list(world.colours),
-        "background": list(world.backgrounds),
-    }
+    factors = world_factors(world)
     if column not in factors:
         raise DiffImmuneError(
             f"world data filter names '{column}'; the world's columns are {', '.join(factors)}"

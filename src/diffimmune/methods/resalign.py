@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffimmune.adapters.base import AdapterConfig, FullAdapter, LoRAAdapter, make_adapter
+from diffimmune.adapters.base import AdapterConfig, FullAdapter, LoRAAdapter, attack_adapter
 from diffimmune.config import AttackConfig
 from diffimmune.core.hypergrad import HypergradResult, ImplicitConfig, hypergradient
 from diffimmune.core.objective import Batch, diffusion_loss, math_attention, sample_noise_and_timesteps
@@ -356,16 +356,7 @@ class ResAlign(Method):
         return batches
 
     def finetune_adapter(self, attack: AttackConfig):
-        return make_adapter(
-            attack.adapter_name,
-            AdapterConfig(
-                rank=attack.rank,
-                alpha=attack.alpha,
-                lora_targets=attack.lora_targets,
-                token=attack.token,
-                seed=attack.seed,
-            ),
-        )
+        return attack_adapter(attack)
 
     def simulate(
         self, attack: AttackConfig, released: Params, outer_batches: list[Batch], generator: torch.Generator
