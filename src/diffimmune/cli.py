@@ -294,19 +294,17 @@ def split_list(text: str | None) -> list[str]:
 
 def concept_specs(concepts: str, data: str | None, world) -> list[str]:
     """`star,heart` -> data strings: world:shape=star on a world model, DATA::shape=star with --data."""
+    from diffimmune.data.sources import concept_spec
+
     specs = []
     for concept in split_list(concepts):
-        if concept.startswith("world:") or "::" in concept:
-            specs.append(concept)
-        elif data is not None:
-            specs.append(f"{data}::{concept if '=' in concept else 'shape=' + concept}")
-        elif world is not None:
-            specs.append(f"world:{concept if '=' in concept else 'shape=' + concept}")
-        else:
+        spec = concept_spec(concept, data, world)
+        if spec is None:
             raise DiffImmuneError(
                 f"concept '{concept}' needs data: pass --data FOLDER (a captioned image folder with a "
                 "label column) or a data string such as FOLDER::style=vangogh"
             )
+        specs.append(spec)
     if not specs:
         raise DiffImmuneError("--concepts is empty; name at least one concept (e.g. --concepts star)")
     return specs

@@ -49,6 +49,7 @@ from diffimmune.config import (
     format_validation_error,
     read_config_file,
 )
+from diffimmune.data.sources import concept_spec
 from diffimmune.errors import DiffImmuneError
 from diffimmune.files import ensure_writable_folder, write_json_atomic
 
@@ -138,33 +139,17 @@ def _errors_of(error: ValidationError, prefix: str) -> list[str]:
 
 def _world_of(model: str):
     """The WorldConfig of a model spec without loading the model (None for a non-world model)."""
+    from diffimmune.data.sources import world_folder_of
     from diffimmune.data.world import WorldConfig
 
     if model == WORLD_MODEL or model.startswith(WORLD_MODEL + ":"):
         from diffimmune.recipes.world_build import preset_config
 
         return preset_config(model.partition(":")[2] or "default").world
-    folder = Path(model)
-    for _ in range(16):
-        if (folder / "diffimmune" / "world.json").is_file():
-            return WorldConfig.model_validate_json((folder / "diffimmune" / "world.json").read_text())
-        if (folder / "delta" / "manifest.json").is_file():
-            folder = folder / "delta"
-        manifest = folder / "manifest.json"
-        if not manifest.is_file():
-            return None
-        folder = Path(json.loads(manifest.read_text()).get("base_model", ""))
-    return None
-
-
-def _target_spec(concept: str, data: str | None, world) -> str | None:
-    if concept.startswith("world:") or "::" in concept:
-        return concept
-    if data is not None:
-        return f"{data}::{concept if '=' in concept else 'shape=' + concept}"
-    if world is not None:
-        return f"world:{concept if '=' in concept else 'shape=' + concept}"
-    return None
+    folder = world_folder_of(model)
+    if folder is None:
+        return None
+    return WorldConfig.model_validate_json((folder / "diffimmune" / "world.json").read_text())
 
 
 def _check_data(spec: str, world, where: str, errors: list[str]) -> None:
@@ -229,7 +214,7 @@ def validate_experiment(data: dict, source: str = "experiment") -> ExperimentPla
         errors.append(f"data: image folder {experiment.data} does not exist; give a captioned image folder")
     targets = []
     for index, concept in enumerate(experiment.targets):
-        spec = _target_spec(concept, experiment.data, world)
+        spec = concept_spec(concept, experiment.data, world)
         if spec is None:
             errors.append(f"targets.{index}: '{concept}' needs data: set `data:` to a captioned image folder")
             continue
@@ -545,15 +530,7 @@ def run_experiment(
         }
         write_json_atomic(stage.folder / STAGE_FILE, record | (extra or {}))
 
-    settings = experiment.evaluate
-    eval_settings = EvalSettings(
-        samples=settings.samples,
-        steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        references=settings.references,
-        other_concepts=settings.other_concepts,
-        fid=settings.fid,
-    )
+    eval_settings = EvalSettings(**experiment.evaluate.model_dump())
     rows: list[dict] = []
     attack_dirs: list[Path] = []
     plans_by_name = {f"{m} / {a.name}": a for m in plan.attack_models for a in plan.attacks}
@@ -642,7 +619,7 @@ def _erase(plan: ExperimentPlan, model, out_dir: Path, progress: bool) -> None:
         )
         erase_with_uce(model, config, out_dir)
         return
-    specs = [_target_spec(w, plan.experiment.data, plan.world) for w in words]
+    specs = [concept_spec(w, plan.experiment.data, plan.world) for w in words]
     config = ImmunizeConfig(
         method="esd",
         concepts=specs,
@@ -699,33 +676,32 @@ def summary_lines(summary: dict, immunized: str = "mima", baseline: str = ERASED
 def summarise(rows: list[dict], sources: dict[str, str]) -> dict:
     """Per model: target detection at the first and last attack step (mean over attacks and targets),
     and the other concepts' detection before any attack (step 0)."""
+    from diffimmune.report.report import RunMetrics
+
     by_source = {source: name for name, source in sources.items()}
-    targets: dict[str, dict[str, list[float]]] = {}
-    others: dict[str, list[float]] = {}
-    last_step: dict[tuple[str, str], int] = {}
-    target_concepts = set()  # evaluate.py writes best_of_25 for the target concepts only
-    for row in rows:
-        key = (row["model"], row["attack"])
-        last_step[key] = max(last_step.get(key, 0), row["step"])
-        if row["metric"] == "best_of_25":
-            target_concepts.add((*key, row["concept"]))
-    for row in rows:
-        if row["metric"] != "detection":
-            continue
-        name = by_source.get(row["model"], row["model"])
-        key = (row["model"], row["attack"])
-        if (*key, row["concept"]) in target_concepts:
-            slot = "last" if row["step"] == last_step[key] else ("first" if row["step"] == 0 else None)
-            if slot:
-                targets.setdefault(name, {}).setdefault(slot, []).append(row["value"])
-        elif row["step"] == 0:
-            others.setdefault(name, []).append(row["value"])
-    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    metrics = RunMetrics(rows)
+    values: dict[str, dict[str, list[float]]] = {}
+    for key in metrics.keys:
+        slots = values.setdefault(by_source.get(key[0], key[0]), {"first": [], "last": [], "other": []})
+        last = metrics.steps(key)[-1]
+        for concept in metrics.target_concepts(key):
+            series = metrics.series(key, concept, "detection")
+            slots["last"].append(series[last])
+            if 0 in series and last != 0:
+                slots["first"].append(series[0])
+        for concept in metrics.other_concepts(key):
+            series = metrics.series(key, concept, "detection")
+            if 0 in series:
+                slots["other"].append(series[0])
+
+    def mean(items: list[float]) -> float | None:
+        return sum(items) / len(items) if items else None
+
     return {
         name: {
-            "target_before_attack": mean(targets.get(name, {}).get("first", [])),
-            "target_after_attack": mean(targets.get(name, {}).get("last", [])),
-            "other_concepts": mean(others.get(name, [])),
+            "target_before_attack": mean(slots["first"]),
+            "target_after_attack": mean(slots["last"]),
+            "other_concepts": mean(slots["other"]),
         }
-        for name in sorted(set(targets) | set(others))
+        for name, slots in sorted(values.items())
     }

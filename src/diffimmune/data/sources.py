@@ -112,18 +112,39 @@ def load_concept_data(
     return folder_data(spec, count, seed, size)
 
 
-def world_model_folder(model) -> Path | None:
-    """The world model folder behind `model` (itself, or the base its chain of deltas was made on), else None."""
+def world_folder_of(path: str | Path) -> Path | None:
+    """The world model folder behind a model, delta or run folder (itself, or the base its chain of deltas
+    was made on), else None."""
     import json
 
-    folder = Path(model.source)
+    folder = Path(path)
     for _ in range(16):  # a delta on a delta on ... a world model
         if (folder / "diffimmune" / "world.json").is_file():
             return folder
+        if (folder / "delta" / "manifest.json").is_file():  # an immunization run folder
+            folder = folder / "delta"
         manifest = folder / "manifest.json"
         if not manifest.is_file():
             return None
         folder = Path(json.loads(manifest.read_text()).get("base_model", ""))
+    return None
+
+
+def world_model_folder(model) -> Path | None:
+    """The world model folder behind a loaded `model`, else None."""
+    return world_folder_of(model.source)
+
+
+def concept_spec(concept: str, data: str | None, world) -> str | None:
+    """A concept name as a data string: kept if it is one, `DATA::shape=x` with a folder, `world:shape=x`
+    on a world model; None when there is nowhere to draw it from."""
+    if concept.startswith(WORLD_PREFIX) or "::" in concept:
+        return concept
+    labelled = concept if "=" in concept else f"shape={concept}"
+    if data is not None:
+        return f"{data}::{labelled}"
+    if world is not None:
+        return f"{WORLD_PREFIX}{labelled}"
     return None
 
 
