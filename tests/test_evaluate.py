@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from typer.testing import CliRunner
 
 from diffimmune.attacks.runner import run_attack
@@ -43,3 +44,49 @@ def test_cli_evaluate_names_a_folder_without_attacks(tmp_path):
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(app, ["evaluate", "--run", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "no attack folders" in result.stderr
+
+
+def test_identical_model_states_across_attacks_are_sampled_once(world_model, tmp_path, monkeypatch):
+    from diffimmune.eval.sampling import weights_fingerprint
+    from diffimmune.models.diffusion_model import DiffusionModel
+
+    for method in ("lora", "full"):
+        config = AttackConfig(
+            method=method,
+            learning_rate=1e-3,
+            steps=1,
+            batch_size=2,
+            num_images=4,
+            data="world:shape=heart",
+            save_at=[0],
+        )
+        run_attack(
+            world_model, config, tmp_path / "run" / method, progress=False, world=model_world(world_model)
+        )
+    generated = []
+    original = DiffusionModel.generate
+
+    def counting(self, prompts, **options):
+        generated.extend(prompts)
+        return original(self, prompts, **options)
+
+    monkeypatch.setattr(DiffusionModel, "generate", counting)
+    settings = EvalSettings(samples=3, steps=3, references=8, other_concepts=1, fid=False)
+    rows = read_metrics_csv(evaluate_run(tmp_path / "run", settings))
+    # Step 0 of both attacks is the unchanged model: 2 concepts x 3 samples once, then each attack's step 1.
+    assert len(generated) == 3 * 2 * 3
+    at_zero = {}
+    for row in rows:
+        if row["step"] == 0:
+            at_zero.setdefault((row["concept"], row["metric"]), set()).add(row["value"])
+    assert at_zero and all(len(values) == 1 for values in at_zero.values())
+    for method in ("lora", "full"):  # every checkpoint folder still holds its own samples for the report
+        assert len(list((tmp_path / "run" / method / "steps").rglob("*.png"))) == 2 * 2 * 3
+    before = weights_fingerprint(world_model)
+    weight = next(iter(world_model.unet.parameters()))
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.view(-1)[0] += 1e-3
+        changed = weights_fingerprint(world_model)
+        weight.copy_(kept)  # the fixture is shared
+    assert changed != before

@@ -503,7 +503,13 @@ def run_experiment(
     """Run every stage that is not cached; returns where things are and which stages ran."""
     from diffimmune.attacks.runner import run_attack
     from diffimmune.data.sources import model_world
-    from diffimmune.eval.evaluate import EvalSettings, evaluate_attack, read_metrics_csv, write_metrics_csv
+    from diffimmune.eval.evaluate import (
+        SHARED_SAMPLES,
+        EvalSettings,
+        evaluate_attack,
+        read_metrics_csv,
+        write_metrics_csv,
+    )
     from diffimmune.methods.common import immunize
     from diffimmune.models.diffusion_model import load_model
     from diffimmune.report.report import write_report
@@ -578,7 +584,13 @@ def run_experiment(
             attack = plans_by_name[stage.name]
             if not stage.done:
                 log(f"evaluate: {stage.name}")
-                found = evaluate_attack(stage.folder.parent, eval_settings, attack.targets, log=log)
+                found = evaluate_attack(
+                    stage.folder.parent,
+                    eval_settings,
+                    attack.targets,
+                    log=log,
+                    shared_samples=run_dir / SHARED_SAMPLES,
+                )
                 for row in found:
                     row["attack"] = attack.name
                 write_metrics_csv(found, stage.folder)

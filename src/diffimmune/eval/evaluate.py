@@ -31,11 +31,12 @@ from diffimmune.eval.metrics import (
     cosine_similarity_to_references,
     fid_kid,
 )
-from diffimmune.eval.sampling import generate_cached
+from diffimmune.eval.sampling import generate_cached, weights_fingerprint
 from diffimmune.files import atomic_file
 
 COLUMNS = ("model", "attack", "step", "concept", "metric", "value")
 EVAL_SEED = 777
+SHARED_SAMPLES = "shared-samples"  # under a run folder: generations keyed by the weights that made them
 
 
 @dataclass
@@ -85,8 +86,16 @@ def concept_prompts(world, column: str, value: str, template: str | None, token:
 
 
 def evaluate_attack(
-    attack_dir: Path, settings: EvalSettings, targets: list[str] | None = None, classifier=None, log=None
+    attack_dir: Path,
+    settings: EvalSettings,
+    targets: list[str] | None = None,
+    classifier=None,
+    log=None,
+    shared_samples: Path | None = None,
 ):
+    """Rows of metrics for every saved step of one attack. With `shared_samples`, generations are also
+    cached under shared_samples/<weights fingerprint>/, so identical model states across attacks (every
+    attack's step 0 on one model) are sampled once."""
     from diffimmune.eval.encoders import WorldEncoder
     from diffimmune.models.diffusion_model import load_model
     from diffimmune.recipes.world_build import world_model_parts
@@ -122,11 +131,18 @@ def evaluate_attack(
     for step, folder in attack_checkpoints(attack_dir).items():
         model.load_parameters(base_values)
         model.load_delta(folder)
+        shared = shared_samples / weights_fingerprint(model) if shared_samples is not None else None
         other_fakes, other_reals = [], []
         for kind, column, value, prompts, references in plans:
             seeds = [EVAL_SEED * 1000 + i for i in range(len(prompts))]
             images = generate_cached(
-                model, prompts, seeds, folder / "samples", settings.steps, settings.guidance_scale
+                model,
+                prompts,
+                seeds,
+                folder / "samples",
+                settings.steps,
+                settings.guidance_scale,
+                shared_dir=shared,
             )
             detected = [p == value for p in classifier.predict(images)[column]]
             similarity = cosine_similarity_to_references(
@@ -184,6 +200,7 @@ def evaluate_run(
 ) -> Path:
     settings = settings or EvalSettings()
     rows = []
+    shared = Path(run) / SHARED_SAMPLES
     for folder in find_attack_folders(run):
-        rows.extend(evaluate_attack(folder, settings, targets, log=log))
+        rows.extend(evaluate_attack(folder, settings, targets, log=log, shared_samples=shared))
     return write_metrics_csv(rows, Path(run) / "metrics.csv")

@@ -1,13 +1,18 @@
 """Seeded, batched sampling with a PNG cache per (model state, prompt, seed, sampler settings).
 
 The cache lives in the folder of the model state being sampled (an attack checkpoint never changes once
-written), so re-running an evaluation reuses every image. Images are quantised to 8 bits before use,
-so a cached and a freshly generated image give identical metrics.
+written), so re-running an evaluation reuses every image. A second, shared cache can be named by the
+model's weights (`weights_fingerprint`): checkpoints whose weights are identical (every attack's step 0
+on one model, for instance) then generate each image once, and each checkpoint folder still receives
+its copy. Images are quantised to 8 bits before use, so a cached and a freshly generated image give
+identical metrics.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,23 @@ from diffimmune.files import atomic_file
 
 def sample_key(prompt: str, seed: int, steps: int, guidance_scale: float, sampler: str) -> str:
     return hashlib.sha1(f"{prompt}|{seed}|{steps}|{guidance_scale}|{sampler}".encode()).hexdigest()[:20]
+
+
+def weights_fingerprint(model) -> str:
+    """A digest of everything that decides a generation besides the prompt, seed and sampler settings:
+    every weight (denoiser, text encoder, autoencoder) with its name, shape and dtype, the tokenizer's
+    added tokens and the scheduler's configuration."""
+    digest = hashlib.blake2b(digest_size=16)
+    named = dict(model.named_parameters())
+    if getattr(model, "vae", None) is not None:
+        named.update({f"vae.{n}": p for n, p in model.vae.named_parameters()})
+    for name, tensor in sorted(named.items()):
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    added = getattr(model.tokenizer, "get_added_vocab", dict)()
+    digest.update(json.dumps(sorted(added.items())).encode())
+    digest.update(json.dumps(dict(model.scheduler.config), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
@@ -34,18 +56,28 @@ def generate_cached(
     guidance_scale: float = 4.0,
     sampler: str = "ddim",
     batch_size: int = 64,
+    shared_dir: str | Path | None = None,
 ) -> torch.Tensor:
-    """Images [N,3,H,W] in [0,1] for prompts[i] with seeds[i]; missing ones are generated in batches."""
+    """Images [N,3,H,W] in [0,1] for prompts[i] with seeds[i]; missing ones are generated in batches.
+
+    `shared_dir` (a folder named by `weights_fingerprint(model)`) is looked up after `cache_dir`; a hit
+    there is copied into `cache_dir`, and fresh images are written to both."""
     keys = [sample_key(p, s, steps, guidance_scale, sampler) for p, s in zip(prompts, seeds, strict=True)]
     cache = Path(cache_dir) if cache_dir is not None else None
+    shared = Path(shared_dir) if shared_dir is not None else None
     images: list[torch.Tensor | None] = [None] * len(prompts)
-    if cache is not None:
-        for index, key in enumerate(keys):
-            path = cache / f"{key}.png"
-            if path.is_file():
-                images[index] = (
-                    torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
-                )
+    for index, key in enumerate(keys):
+        for folder in (cache, shared):
+            path = folder / f"{key}.png" if folder is not None else None
+            if path is None or not path.is_file():
+                continue
+            images[index] = (
+                torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+            )
+            if folder is shared and cache is not None:
+                with atomic_file(cache / path.name) as temporary:
+                    shutil.copyfile(path, temporary)
+            break
     missing = [i for i, image in enumerate(images) if image is None]
     if missing:
         fresh = quantise(
@@ -60,8 +92,9 @@ def generate_cached(
         )
         for index, image in zip(missing, fresh, strict=True):
             images[index] = image
-            if cache is not None:
-                pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-                with atomic_file(cache / f"{keys[index]}.png") as temporary:
-                    Image.fromarray(pixels).save(temporary, format="PNG")
+            pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            for folder in (cache, shared):
+                if folder is not None:
+                    with atomic_file(folder / f"{keys[index]}.png") as temporary:
+                        Image.fromarray(pixels).save(temporary, format="PNG")
     return torch.stack(images) if images else torch.empty(0)
