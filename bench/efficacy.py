@@ -13,6 +13,8 @@ best-of-25 failure rate after the attack; per defence the worst case over attack
 
     python bench/efficacy.py            # the full matrix (scaled to fit 2 hours on a 2-core CPU)
     python bench/efficacy.py --quick    # 1 concept set, fewer steps and samples (a smoke run)
+    python bench/efficacy.py --sets 1 --defences gift,gift_beta0,resalign,resalign_lambda0 \
+        --attacks lora,benign --work runs/ablation --out docs/immunization-ii/ablation.md  # the ablations
 
 Every stage is cached under --work by the hash of its configuration: a re-run after a change re-runs only
 what the change touches.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -32,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_SETS = {1: ["star"], 2: ["star", "square"], 3: ["star", "square", "triangle"]}
 DEFENCES = ("esd", "imma", "mima", "joint", "compose", "gift", "resalign")
+ABLATIONS = ("gift_beta0", "resalign_lambda0")  # chosen with --defences; not in the default matrix
 ATTACKS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "full", "benign")
 
 
@@ -63,6 +67,9 @@ def experiment(size: int, args) -> dict:
             "richardson_steps": 3,
         },
     }
+    # The ablations (issue 6): GIFT without representation noising, ResAlign without its resilience term.
+    defences["gift_beta0"] = {**defences["gift"], "beta": 0.0}
+    defences["resalign_lambda0"] = {**defences["resalign"], "relearn_weight": 0.0}
     save_at = sorted({0, args.attack_steps // 2, args.attack_steps})
     attacks = {
         name: {"preset": name, "steps": args.attack_steps, "save_at": save_at, "per_target": False}
@@ -128,7 +135,7 @@ def pct(value) -> str:
 
 def write_markdown(results: dict, args, seconds: float, out: Path) -> None:
     lines = [
-        "# Efficacy matrix on the world model",
+        f"# {args.title}",
         "",
         f"Made by `{args.command}` in {seconds / 60:.0f} min on this machine (2 CPU cores).",
         "",
@@ -188,13 +195,14 @@ def main() -> None:
     parser.add_argument("--other-concepts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true", help="print each set's plan and stop")
+    parser.add_argument("--title", default="Efficacy matrix on the world model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.sets, args.immunize_steps, args.attack_steps, args.samples = "1", 10, 20, 4
         args.other_concepts = 2
         args.out = args.out.with_name("efficacy-quick.md")
-    args.command = "python bench/efficacy.py" + (" --quick" if args.quick else "")
+    args.command = " ".join(["python bench/efficacy.py", *sys.argv[1:]])
 
     from diffimmune.eval.evaluate import read_metrics_csv
     from diffimmune.pipeline import build_stages, describe_plan, run_experiment, validate_experiment

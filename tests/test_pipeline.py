@@ -184,6 +184,18 @@ def test_stage_folders_are_keyed_by_the_configuration(fast_world, tmp_path):
     assert before["imma / lora"] != after["imma / lora"]  # downstream of the changed defence
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_file_validates(path):
+    from diffimmune.pipeline import load_experiment
+
+    if path.name.startswith("sd15"):  # needs a GPU machine's captioned folder: only that may be missing
+        with pytest.raises(DiffImmuneError, match=r"1 error\(s\): data: image folder .* does not exist"):
+            load_experiment(path)
+        return
+    plan = load_experiment(path)
+    assert plan.experiment.defences and plan.experiment.attacks
+
+
 def test_the_shipped_demo_config_is_the_demo():
     shipped = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     assert shipped == DEMO_EXPERIMENT
