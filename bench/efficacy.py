@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections import defaultdict
@@ -202,7 +203,7 @@ def main() -> None:
         args.sets, args.immunize_steps, args.attack_steps, args.samples = "1", 10, 20, 4
         args.other_concepts = 2
         args.out = args.out.with_name("efficacy-quick.md")
-    args.command = " ".join(["python bench/efficacy.py", *sys.argv[1:]])
+    args.command = shlex.join(["python", "bench/efficacy.py", *sys.argv[1:]])
 
     from diffimmune.eval.evaluate import read_metrics_csv
     from diffimmune.pipeline import build_stages, describe_plan, run_experiment, validate_experiment
@@ -219,7 +220,9 @@ def main() -> None:
         )
         results[size] = {
             "cells": cells(read_metrics_csv(run.metrics_csv), run.model_sources),
-            "report": str(run.report),
+            "report": str(run.report.relative_to(ROOT))
+            if run.report.is_relative_to(ROOT)
+            else str(run.report),
         }
         print(f"set {size} done after {(time.perf_counter() - began) / 60:.1f} min", flush=True)
     if args.dry_run:

@@ -41,6 +41,55 @@ def relearning_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def efficacy_summary(results: dict) -> str:
+    """Per defence, over the concept sets 1/2/3: target detection after LoRA and after the benign
+    fine-tune, the worst case over all attacks, the other shapes' change and the FID change."""
+    sets = sorted(results, key=int)
+    models: list[str] = []
+    for cells in results.values():
+        for key in cells:
+            model = key.split("|")[0]
+            if model not in models:
+                models.append(model)
+
+    def row(model: str, attack: str | None, field: str, points: bool = False) -> str:
+        values = []
+        for size in sets:
+            cells = {k.split("|")[1]: v for k, v in results[size].items() if k.split("|")[0] == model}
+            if attack is None:
+                found = [c[field] for c in cells.values() if c.get(field) is not None]
+                value = max(found) if found else None
+            else:
+                value = cells.get(attack, {}).get(field)
+            if value is None:
+                values.append("—")
+            elif points:
+                values.append(f"{value * 100:+.0f}")
+            elif field == "fid_change":
+                values.append(f"{value:+.0%}")
+            else:
+                values.append(f"{value:.0%}")
+        return " / ".join(values)
+
+    lines = [
+        "#### Efficacy matrix, condensed ([bench/results/efficacy.md](bench/results/efficacy.md))",
+        "",
+        f"Each cell: {' / '.join(sets)} target(s). Target detection after the attack (lower is better), the "
+        "worst case over LoRA, DreamBooth, Textual Inversion, Custom Diffusion, full and benign fine-tuning; "
+        "the other shapes' detection change (points) and FID change against the erased-only model.",
+        "",
+        "| defence | after LoRA | after benign fine-tune | worst case | other shapes | FID change |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model in models:
+        lines.append(
+            f"| {model} | {row(model, 'lora', 'detection')} | {row(model, 'benign', 'detection')} | "
+            f"{row(model, None, 'detection')} | {row(model, 'lora', 'retention_change', points=True)} | "
+            f"{row(model, 'lora', 'fid_change')} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     rows = [("benchmark", "measured", "target", "source")]
     rows.append(
@@ -96,11 +145,14 @@ def main() -> None:
     )
     table = "\n".join("| " + " | ".join(row) + " |" for row in rows[:1])
     table += "\n|---|---|---|---|\n" + "\n".join("| " + " | ".join(row) + " |" for row in rows[1:])
-    for extra in ("attack_curves.md", "speed.md", "efficacy.md", "demo.md"):
+    for extra in ("attack_curves.md", "speed.md", "demo.md"):
         path = RESULTS / extra
         if path.is_file():
             text = path.read_text().strip()
             table += "\n\n" + ("###" + text if text.startswith("# ") else text)
+    efficacy = RESULTS / "efficacy.json"
+    if efficacy.is_file():
+        table += "\n\n" + efficacy_summary(json.loads(efficacy.read_text()))
     relearning = ROOT / "docs" / "relearning" / "results.json"
     if relearning.is_file():
         table += "\n\n" + relearning_summary(json.loads(relearning.read_text()))

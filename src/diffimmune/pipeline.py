@@ -595,7 +595,9 @@ def run_experiment(
                     row["attack"] = attack.name
                 write_metrics_csv(found, stage.folder)
                 executed.append(f"evaluate:{stage.name}")
-            rows += read_metrics_csv(stage.folder)
+            # The model column names the model as this run knows it (a moved or copied run folder
+            # keeps its cached evaluations).
+            rows += [{**row, "model": sources[stage.model]} for row in read_metrics_csv(stage.folder)]
         elif stage.kind == "report":
             metrics_csv = write_metrics_csv(rows, run_dir / "metrics.csv")
             names = {source: name for name, source in sources.items()}
