@@ -14,7 +14,8 @@ best-of-25 failure rate after the attack; per defence the worst case over attack
     python bench/efficacy.py            # the full matrix (scaled to fit 2 hours on a 2-core CPU)
     python bench/efficacy.py --quick    # 1 concept set, fewer steps and samples (a smoke run)
     python bench/efficacy.py --sets 1 --defences gift,gift_beta0,resalign,resalign_lambda0 \
-        --attacks lora,benign --work runs/ablation --out docs/immunization-ii/ablation.md  # the ablations
+        --attacks lora,benign --work runs/ablation --out docs/immunization-ii/ablation.md \
+        --title "Ablation: GIFT representation noising (beta) and ResAlign resilience term (lambda)"
 
 Every stage is cached under --work by the hash of its configuration: a re-run after a change re-runs only
 what the change touches.
