@@ -138,3 +138,36 @@ def test_general_settings_leave_the_world_stage_hashes_alone():
         "fid": True,
     }
     assert evaluation_key(EvaluateSpec(samples=6, clip="x"))["clip"] == "x"
+
+
+def test_an_experiment_runs_end_to_end_on_a_diffusers_model(tiny_sd_dir, concept_folder, clip_dir, tmp_path):
+    from diffimmune.pipeline import run_experiment
+
+    experiment = {
+        "name": "sd",
+        "model": str(tiny_sd_dir),
+        "data": str(concept_folder),
+        "targets": ["concept=star"],
+        "erase": {"method": "uce"},
+        "defences": {"imma": {"method": "imma", "steps": 2, "num_images": 4, "batch_size": 2}},
+        "attacks": {
+            "lora": {"method": "lora", "learning_rate": 1e-3, "steps": 2, "num_images": 4, "save_at": [0, 2]}
+        },
+        "evaluate": {
+            "samples": 2,
+            "steps": 2,
+            "references": 4,
+            "clip": str(clip_dir),
+            "safe_data": f"{concept_folder}::concept=dog",
+        },
+    }
+    result = run_experiment(
+        validate_experiment(experiment), tmp_path / "run", progress=False, log=lambda m: None
+    )
+    rows = read_metrics_csv(result.metrics_csv)
+    assert {r["model"] for r in rows} == {result.model_sources["erased"], result.model_sources["imma"]}
+    assert {(r["concept"], r["metric"]) for r in rows} >= {
+        ("concept=star", "detection"),
+        ("safe", "fid_clip"),
+    }
+    assert result.report.is_file()
