@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffimmune.models.diffusion_model import DiffusionModel, quiet_libraries
-from diffimmune.models.tiny import build_tiny_pipeline
+from diffimmune.models.tiny import TEST_WORDS, build_tiny_pipeline, build_word_tokenizer
 
 torch.set_num_threads(int(os.environ.get("DIFFIMMUNE_TEST_THREADS", "2")))
 
@@ -53,3 +53,63 @@ def fast_world(tmp_path_factory):
 @pytest.fixture
 def world_model(fast_world):
     return DiffusionModel.from_pretrained(fast_world[1].model_dir, device="cpu")
+
+
+# Tiny random CLIP and DINOv2 checkpoints (the real ones cannot be downloaded here).
+PROJECTION_DIM = 16
+HIDDEN = 32
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    quiet_libraries()
+    tokenizer = build_word_tokenizer(TEST_WORDS, max_length=16)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=HIDDEN,
+            intermediate_size=2 * HIDDEN,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            # The word tokenizer's ids: CLIP pools the text at the end-of-text token.
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=HIDDEN,
+            intermediate_size=2 * HIDDEN,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=PROJECTION_DIM,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    CLIPModel(config).save_pretrained(folder)  # transformers 5 always writes safetensors
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dino_dir(tmp_path_factory):
+    from transformers import Dinov2Config, Dinov2Model
+
+    quiet_libraries()
+    config = Dinov2Config(
+        hidden_size=HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("dino") / "tiny-dino"
+    Dinov2Model(config).save_pretrained(folder)
+    return folder

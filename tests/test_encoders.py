@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import HIDDEN, PROJECTION_DIM
 
 from diffimmune.errors import DiffImmuneError
 from diffimmune.eval.classifier import WorldClassifier
@@ -25,11 +26,6 @@ from diffimmune.eval.encoders import (
     load_encoder,
     preprocess_images,
 )
-from diffimmune.models.diffusion_model import quiet_libraries
-from diffimmune.models.tiny import TEST_WORDS, build_word_tokenizer
-
-PROJECTION_DIM = 16
-HIDDEN = 32
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,61 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory, one_thread):
-    from transformers import CLIPConfig, CLIPModel
-
-    quiet_libraries()
-    tokenizer = build_word_tokenizer(TEST_WORDS, max_length=16)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=HIDDEN,
-            intermediate_size=2 * HIDDEN,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            # The word tokenizer's ids: CLIP pools the text at the end-of-text token.
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        vision_config=dict(
-            hidden_size=HIDDEN,
-            intermediate_size=2 * HIDDEN,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=PROJECTION_DIM,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    CLIPModel(config).save_pretrained(folder)  # transformers 5 always writes safetensors
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def dino_dir(tmp_path_factory, one_thread):
-    from transformers import Dinov2Config, Dinov2Model
-
-    quiet_libraries()
-    config = Dinov2Config(
-        hidden_size=HIDDEN,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        image_size=32,
-        patch_size=8,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("dino") / "tiny-dino"
-    Dinov2Model(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

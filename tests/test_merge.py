@@ -134,3 +134,25 @@ def test_rejects_more_constraints_than_input_features():
     W0, _, _, C_reg = _problem()
     with pytest.raises(DiffImmuneError, match="over-determined"):
         merge_projection(W0, torch.randn(IN + 1, IN, dtype=W0.dtype), torch.randn(IN + 1, OUT), C_reg)
+
+
+def test_a_precomputed_operator_gives_the_same_merge_and_gradient():
+    from diffimmune.core.merge import projection_operator
+
+    base, adapted, concepts, reg, kv = _models()
+    for params in adapted:
+        for value in params.values():
+            value.requires_grad_(True)
+    operator = projection_operator(torch.cat(concepts), reg)
+    once = merge_models(base, adapted, concepts, reg, kv, operator=operator)
+    fresh = merge_models(base, adapted, concepts, reg, kv)
+    for name in fresh:
+        assert torch.allclose(once[name], fresh[name], atol=1e-10)
+    loss_once = sum(v.square().sum() for v in once.values())
+    loss_fresh = sum(v.square().sum() for v in fresh.values())
+    for a, b in zip(
+        torch.autograd.grad(loss_once, list(adapted[0].values())),
+        torch.autograd.grad(loss_fresh, list(adapted[0].values())),
+        strict=True,
+    ):
+        assert torch.allclose(a, b, atol=1e-10)

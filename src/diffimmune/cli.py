@@ -254,12 +254,36 @@ def evaluate(
         int | None, typer.Option(help="how many other concepts to check for retention")
     ] = None,
     fid: Annotated[bool, typer.Option("--fid/--no-fid", help="FID/KID on the other concepts")] = True,
+    clip: Annotated[
+        str | None,
+        typer.Option(help="CLIP checkpoint folder (models outside the world): similarity, CLIP score"),
+    ] = None,
+    dino: Annotated[str | None, typer.Option(help="DINOv2 checkpoint folder: DINO similarity")] = None,
+    lpips: Annotated[
+        str | None, typer.Option(help="LPIPS backbone (alex, vgg); needs the extra diffimmune[lpips]")
+    ] = None,
+    nsfw: Annotated[
+        bool, typer.Option("--nsfw", help="detection by NudeNet's nudity flag; needs diffimmune[nsfw]")
+    ] = False,
+    safe_data: Annotated[
+        str | None,
+        typer.Option("--safe-data", help="captioned folder[::filter] of concepts to keep (retention, FID)"),
+    ] = None,
 ):
     """Compute every metric at every saved attack step; writes RUN/metrics.csv (long format)."""
     from diffimmune.eval.evaluate import EvalSettings, evaluate_run
 
     settings = EvalSettings(
-        samples=samples, steps=steps, guidance_scale=guidance_scale, other_concepts=other_concepts, fid=fid
+        samples=samples,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        other_concepts=other_concepts,
+        fid=fid,
+        clip=clip,
+        dino=dino,
+        lpips=lpips,
+        nsfw=nsfw,
+        safe_data=safe_data,
     )
     path = evaluate_run(run, settings, target, log=lambda m: error_console.print(m, highlight=False))
     console.print(f"wrote {path}", highlight=False)

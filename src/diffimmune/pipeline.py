@@ -83,6 +83,11 @@ class EvaluateSpec(StrictModel):
     references: int = Field(default=32, gt=0)
     other_concepts: int | None = Field(default=None, gt=0, description="None: every other known shape")
     fid: bool = True
+    clip: str | None = Field(default=None, description="CLIP checkpoint folder (models outside the world)")
+    dino: str | None = Field(default=None, description="DINOv2 checkpoint folder (models outside the world)")
+    lpips: str | None = Field(default=None, description="LPIPS backbone, e.g. alex (extra diffimmune[lpips])")
+    nsfw: bool = Field(default=False, description="detection by NudeNet (extra diffimmune[nsfw])")
+    safe_data: str | None = Field(default=None, description="captioned folder[::filter] of concepts to keep")
 
 
 class ReportSpec(StrictModel):
@@ -262,9 +267,27 @@ def validate_experiment(data: dict, source: str = "experiment") -> ExperimentPla
         if name not in models:
             errors.append(f"attack_models.{index}: '{name}' is not a model here; known: {', '.join(models)}")
     plan.attack_models = list(chosen)
+    _check_evaluate(experiment.evaluate, world, errors)
     if errors:
         raise DiffImmuneError(f"{source}: {len(errors)} error(s): " + "; ".join(errors))
     return plan
+
+
+def _check_evaluate(settings: EvaluateSpec, world, errors: list[str]) -> None:
+    """A model outside the world needs an encoder; named checkpoints and safe data must exist."""
+    from diffimmune.models.loading import looks_like_hub_id
+
+    if world is None and not (settings.clip or settings.dino):
+        errors.append(
+            "evaluate.clip: this model is not a world model, so its evaluation needs an image encoder; "
+            "set evaluate.clip to a CLIP checkpoint folder (and/or evaluate.dino to a DINOv2 one)"
+        )
+    for name in ("clip", "dino"):
+        location = getattr(settings, name)
+        if location and not Path(location).expanduser().exists() and not looks_like_hub_id(location):
+            errors.append(f"evaluate.{name}: {location} does not exist; give a checkpoint folder")
+    if settings.safe_data:
+        _check_data(settings.safe_data, world, "evaluate.safe_data", errors)
 
 
 def _section_errors(data: dict) -> list[str]:
@@ -302,7 +325,10 @@ def _attack_plans(name, settings, plan: ExperimentPlan, world_attack, errors) ->
     experiment = plan.experiment
     settings.setdefault("seed", experiment.seed)
     benign = (settings.get("method") or preset) == "benign"
-    target_filters = [f"shape={w}" if "=" not in w else w for w in plan.target_words]
+    # Evaluation targets as column=value: the filter part of each target's data string.
+    target_filters = [
+        spec.partition("::")[2] if "::" in spec else spec.removeprefix("world:") for spec in plan.targets
+    ]
     targets_data = plan.targets
     groups: list[tuple[str, list[str], list[str]]]  # (name, data specs, evaluation targets)
     if benign:  # data without the targets; measured on the targets
@@ -363,6 +389,15 @@ def _attack_plans(name, settings, plan: ExperimentPlan, world_attack, errors) ->
 
 
 # ----------------------------------------------------------------------------------------- hashing
+def evaluation_key(settings: EvaluateSpec) -> dict:
+    """The evaluate settings a stage hash covers. The fields for models outside the world count only when
+    set, so runs cached before they existed stay cached."""
+    from diffimmune.eval.evaluate import GENERAL_FIELDS
+
+    values = settings.model_dump(mode="json")
+    return {k: v for k, v in values.items() if k not in GENERAL_FIELDS or v not in (None, False)}
+
+
 def stage_hash(*parts) -> str:
     text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
@@ -418,7 +453,7 @@ def build_stages(plan: ExperimentPlan, run_dir: Path) -> list[Stage]:
             stages.append(
                 Stage("attack", f"{model} / {attack.name}", folder, key, config.steps, images, model=model)
             )
-            eval_key = stage_hash("evaluate", key, settings.model_dump(mode="json"), attack.targets)
+            eval_key = stage_hash("evaluate", key, evaluation_key(settings), attack.targets)
             others = _other_count(plan, attack.targets, settings.other_concepts)
             per_step = settings.samples * (len(attack.targets) + others)
             stages.append(

@@ -20,7 +20,14 @@ from torch import Tensor
 
 from diffimmune.errors import DiffImmuneError
 
-__all__ = ["DEFAULT_RIDGE", "merge_models", "merge_projection", "regularisation_gram"]
+__all__ = [
+    "DEFAULT_RIDGE",
+    "apply_projection",
+    "merge_models",
+    "merge_projection",
+    "projection_operator",
+    "regularisation_gram",
+]
 
 # Relative to the mean eigenvalue trace(M)/in of the regularisation Gram matrix M = C_reg^T C_reg.
 # Needed when there are fewer regularisation embeddings than input features (m < in): M is then singular
@@ -70,13 +77,27 @@ def merge_projection(
     C, V, C_reg = (t.to(dtype=dtype, device=device) for t in (C, V, C_reg))
     if C.shape[0] == 0:
         return W0
-    gram = regularisation_gram(C_reg, ridge)
-    # A = M^{-1} C^T, then S = C A is the small [n, n] system; two solves instead of an explicit inverse.
-    m_inv_ct = torch.linalg.solve(gram, C.transpose(0, 1))
-    schur = C @ m_inv_ct
-    residual = V - C @ W0.transpose(0, 1)
-    update_t = m_inv_ct @ torch.linalg.solve(schur, residual)
-    return W0 + update_t.transpose(0, 1)
+    return apply_projection(W0, C, V, projection_operator(C, C_reg, ridge))
+
+
+def projection_operator(C: Tensor, C_reg: Tensor, ridge: float = DEFAULT_RIDGE) -> Tensor:
+    """P = M^{-1} C^T (C M^{-1} C^T)^{-1}, [in, n]: the part of the merge that depends only on the
+    embeddings. When they are constants (MIMA's are), P is computed once and every K/V weight of every
+    step reuses it; it stays differentiable in C and C_reg when they are not."""
+    # In float64 (then cast back): M's condition number reaches 1/ridge, and P is formed explicitly.
+    wide = torch.promote_types(C.dtype, torch.float64)
+    C64, reg64 = C.to(wide), C_reg.to(device=C.device, dtype=wide)
+    gram = regularisation_gram(reg64, ridge)
+    # A = M^{-1} C^T, then S = C A is the small [n, n] system; P = A S^{-1} by a right solve.
+    m_inv_ct = torch.linalg.solve(gram, C64.transpose(0, 1))
+    schur = C64 @ m_inv_ct
+    return torch.linalg.solve(schur, m_inv_ct, left=False).to(C.dtype)
+
+
+def apply_projection(W0: Tensor, C: Tensor, V: Tensor, operator: Tensor) -> Tensor:
+    """W = W0 + (P (V - C W0^T))^T, with P from `projection_operator(C, C_reg)`."""
+    residual = V.to(W0) - C.to(W0) @ W0.transpose(0, 1)
+    return W0 + (operator.to(W0) @ residual).transpose(0, 1)
 
 
 def merge_models(
@@ -86,6 +107,7 @@ def merge_models(
     reg_embeddings: Tensor,
     kv_names: set[str],
     ridge: float = DEFAULT_RIDGE,
+    operator: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """MIMA's Merge: combine N adapted parameter dicts (one per target concept) into one.
 
@@ -101,6 +123,8 @@ def merge_models(
         reg_embeddings: [m, in] token embeddings of the regularisation prompts.
         kv_names: the parameter names merged by the closed form.
         ridge: passed to `merge_projection`.
+        operator: `projection_operator(cat(concept_embeddings), reg_embeddings, ridge)`, computed once by
+            a caller whose embeddings do not change (it is the same for every K/V weight).
 
     Returns a dict with the adapted dicts' names, differentiable w.r.t. ``adapted``, ``base`` and the
     embeddings.
@@ -133,9 +157,13 @@ def merge_models(
                 embeddings.to(params[name]) @ params[name].transpose(0, 1)
                 for embeddings, params in zip(concept_embeddings, adapted, strict=True)
             ]
-            merged[name] = merge_projection(
-                base[name], stacked_concepts, torch.cat(targets, dim=0), reg_embeddings, ridge
-            )
+            outputs = torch.cat(targets, dim=0)
+            _check_projection_shapes(base[name], stacked_concepts, outputs, reg_embeddings)
+            if operator is None:  # the same for every K/V weight: computed for the first
+                operator = projection_operator(
+                    stacked_concepts.to(base[name]), reg_embeddings.to(base[name]), ridge
+                )
+            merged[name] = apply_projection(base[name], stacked_concepts, outputs, operator)
         else:
             merged[name] = torch.stack([params[name] for params in adapted]).mean(dim=0)
     return merged

@@ -47,6 +47,15 @@ class EvalSettings:
     references: int = 32
     other_concepts: int | None = None  # None: every other known shape
     fid: bool = True
+    # Models outside the concept world (eval/general.py): encoders, safe data, the NSFW path.
+    clip: str | None = None  # a CLIP checkpoint folder: similarity_clip, clip_score, FID in CLIP space
+    dino: str | None = None  # a DINOv2 checkpoint folder: similarity_dino
+    lpips: str | None = None  # an LPIPS backbone (alex, vgg): similarity_lpips (extra diffimmune[lpips])
+    nsfw: bool = False  # detection = NudeNet's nudity flag (extra diffimmune[nsfw])
+    safe_data: str | None = None  # a captioned folder[::filter] of concepts to keep: retention and FID
+
+
+GENERAL_FIELDS = ("clip", "dino", "lpips", "nsfw", "safe_data")
 
 
 def find_attack_folders(run: Path) -> list[Path]:
@@ -95,7 +104,8 @@ def evaluate_attack(
 ):
     """Rows of metrics for every saved step of one attack. With `shared_samples`, generations are also
     cached under shared_samples/<weights fingerprint>/, so identical model states across attacks (every
-    attack's step 0 on one model) are sampled once."""
+    attack's step 0 on one model) are sampled once. A model outside the concept world is measured by
+    `eval.general.evaluate_general` with the encoders the settings name."""
     from diffimmune.eval.encoders import WorldEncoder
     from diffimmune.models.diffusion_model import load_model
     from diffimmune.recipes.world_build import world_model_parts
@@ -104,8 +114,10 @@ def evaluate_attack(
     model = load_model(model_source, device="cpu")
     world = model_world(model)
     if world is None:
-        raise DiffImmuneError(
-            f"{model_source} is not a world model; evaluation with other encoders is not wired yet"
+        from diffimmune.eval.general import evaluate_general
+
+        return evaluate_general(
+            attack_dir, config, model, model_source, settings, targets, log=log, shared_samples=shared_samples
         )
     classifier = classifier or world_model_parts(world_model_folder(model))[1]
     encoder = WorldEncoder(classifier)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from diffimmune.adapters.base import AdapterConfig, FullAdapter
-from diffimmune.core.merge import merge_models
+from diffimmune.core.merge import merge_models, projection_operator
 from diffimmune.errors import DiffImmuneError
 from diffimmune.methods.bilevel import BilevelMethod, Branch
 from diffimmune.methods.imma import IMMA
@@ -95,6 +95,8 @@ class MIMA(BilevelMethod):
                 f"the merge has {total} constraint directions for {features} embedding features; "
                 "lower merge_directions or immunize fewer concepts at once"
             )
+        # The embeddings are constants, so the merge's solve is done once, not per K/V weight and step.
+        self.merge_operator = projection_operator(torch.cat(self.concept_rows), self.reg_rows)
 
     def extra_base_names(self) -> list[str]:
         return self.kv_names
@@ -119,6 +121,7 @@ class MIMA(BilevelMethod):
             self.concept_rows,
             self.reg_rows,
             set(kv),
+            operator=self.merge_operator,
         )
         return merged
 

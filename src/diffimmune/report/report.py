@@ -47,7 +47,9 @@ METRICS_FILE = "metrics.csv"
 ASSETS_FOLDER = "report_assets"
 GRID_COLUMNS = 8
 SAFE_CONCEPT = "safe"  # the concept of the FID/KID rows
-CURVE_METRICS = ("detection", "similarity_world", "best_of_25")
+# The similarity (the M of the gap ratios) and FID a run has: the world encoder's, else CLIP's, else DINO's.
+SIMILARITY_METRICS = ("similarity_world", "similarity_clip", "similarity_dino")
+FID_METRICS = ("fid_world", "fid_clip", "fid_dino")
 RATE_METRICS = ("detection", "best_of_25")
 IMMUNIZED_MARK = "immun"
 PROJECT_NAME = "diffimmune"
@@ -74,6 +76,10 @@ class RunMetrics:
         # Same attack name next to each other, so with and without immunization sit side by side.
         self.keys: list[Key] = sorted(self.values, key=lambda k: (k[1], k[0]))
         self.models: list[str] = sorted({model for model, _ in self.keys})
+        present = {row["metric"] for row in rows}
+        self.similarity = next((m for m in SIMILARITY_METRICS if m in present), SIMILARITY_METRICS[0])
+        self.fid = next((m for m in FID_METRICS if m in present), FID_METRICS[0])
+        self.curve_metrics = ("detection", self.similarity, "clip_score", "best_of_25")
 
     def series(self, key: Key, concept: str, metric: str) -> dict[int, float]:
         return dict(self.values.get(key, {}).get(concept, {}).get(metric, {}))
@@ -84,8 +90,11 @@ class RunMetrics:
         )
 
     def target_concepts(self, key: Key) -> list[str]:
-        """evaluate.py writes best_of_25 for target concepts only."""
-        return sorted(c for c, metrics in self.values[key].items() if "best_of_25" in metrics)
+        """evaluate.py writes best_of_25 for target concepts only; without a detector (eval/general.py
+        with no safe data) every concept but the safe one is a target."""
+        concepts = self.values[key]
+        marked = sorted(c for c, metrics in concepts.items() if "best_of_25" in metrics)
+        return marked or sorted(c for c in concepts if c != SAFE_CONCEPT)
 
     def other_concepts(self, key: Key) -> list[str]:
         targets = set(self.target_concepts(key))
@@ -221,7 +230,7 @@ def summary_rows(metrics: RunMetrics) -> list[SummaryRow]:
         first, last = steps[0], steps[-1]
         detection = metrics.mean_over(key, metrics.target_concepts(key), "detection")
         retention = metrics.mean_over(key, metrics.other_concepts(key), "detection")
-        fid = metrics.series(key, SAFE_CONCEPT, "fid_world")
+        fid = metrics.series(key, SAFE_CONCEPT, metrics.fid)
         rows.append(
             SummaryRow(
                 model=key[0],
@@ -307,7 +316,8 @@ def looks_immunized(model: str) -> bool:
 def gap_ratios(
     metrics: RunMetrics, methods: dict[Key, str] | None = None, reference_model: str | None = None
 ) -> tuple[list[GapComparison], list[str]]:
-    """SGR per step and target concept and MSGR at the last common step, from `similarity_world`,
+    """SGR per step and target concept and MSGR at the last common step, from the run's similarity
+    (`similarity_world`, else `similarity_clip`, else `similarity_dino`),
     for every attack run on two or more models; plus notes on the groups that were skipped."""
     comparisons, notes = [], []
     for label, keys in _comparison_groups(metrics, methods or {}).items():
@@ -327,8 +337,8 @@ def _compare(metrics: RunMetrics, label: str, with_key: Key, without_key: Key) -
     concepts = sorted(set(metrics.target_concepts(with_key)) & set(metrics.target_concepts(without_key)))
     table: dict[str, dict[int, tuple[float, float, float | None]]] = {}
     for concept in concepts:
-        m_with = metrics.series(with_key, concept, "similarity_world")
-        m_without = metrics.series(without_key, concept, "similarity_world")
+        m_with = metrics.series(with_key, concept, metrics.similarity)
+        m_without = metrics.series(without_key, concept, metrics.similarity)
         table[concept] = {}
         for step in sorted(set(m_with) & set(m_without)):
             try:
@@ -341,11 +351,11 @@ def _compare(metrics: RunMetrics, label: str, with_key: Key, without_key: Key) -
         label, with_key[0], with_key[1], without_key[0], without_key[1], steps, table, None, None
     )
     if not concepts:
-        comparison.note = "the two attacks share no target concept with similarity_world values"
+        comparison.note = f"the two attacks share no target concept with {metrics.similarity} values"
         return comparison
     common = set.intersection(*(set(per_step) for per_step in table.values()))
     if not common:
-        comparison.note = "no step has similarity_world for every target concept on both models"
+        comparison.note = f"no step has {metrics.similarity} for every target concept on both models"
         return comparison
     comparison.last_step = max(common)
     pairs = {c: (table[c][comparison.last_step][0], table[c][comparison.last_step][1]) for c in concepts}
@@ -432,7 +442,7 @@ def _curve_figures(metrics: RunMetrics, labels: dict[Key, str]) -> list[tuple[st
     styles = _line_styles(metrics)
     concepts = sorted({c for key in metrics.keys for c in metrics.target_concepts(key)})
     figures = []
-    for metric in CURVE_METRICS:
+    for metric in metrics.curve_metrics:
         panels = []
         for concept in concepts:
             series = {
@@ -457,12 +467,12 @@ def _curve_figures(metrics: RunMetrics, labels: dict[Key, str]) -> list[tuple[st
         if metrics.other_concepts(key)
     }
     fid = {
-        key: metrics.series(key, SAFE_CONCEPT, "fid_world")
+        key: metrics.series(key, SAFE_CONCEPT, metrics.fid)
         for key in metrics.keys
-        if metrics.series(key, SAFE_CONCEPT, "fid_world")
+        if metrics.series(key, SAFE_CONCEPT, metrics.fid)
     }
     panels = [("retention: mean detection of other concepts", retention, True)] if retention else []
-    panels += [("fid_world on other concepts (lower is better)", fid, False)] if fid else []
+    panels += [(f"{metrics.fid} on other concepts (lower is better)", fid, False)] if fid else []
     if panels:
         caption = "what the model still does: detection of the other concepts, and FID of their generations"
         figures.append(
@@ -637,7 +647,7 @@ def _summary_section(metrics: RunMetrics, names: dict[str, str]) -> list:
         Paragraph(
             "Detection: the fraction of generations in which the detector finds the concept (target "
             "columns: mean over the target concepts; max: the highest over saved steps). Retention: mean "
-            "detection over the other concepts. FID: `fid_world` of the other concepts' generations."
+            f"detection over the other concepts. FID: `{metrics.fid}` of the other concepts' generations."
         ),
     ]
     table = []
@@ -717,7 +727,7 @@ def _gap_section(
         return blocks
     blocks.append(
         Paragraph(
-            "SGR = (M(ref, without) − M(ref, with)) / M(ref, without), with M the `similarity_world` of "
+            f"SGR = (M(ref, without) − M(ref, with)) / M(ref, without), with M the `{metrics.similarity}` of "
             "the attacked model's generations of a target concept to its reference images. 0: the "
             "immunization changed nothing; 1: nothing of the concept is left. MSGR: the mean SGR over "
             "target concepts at the last step both models reached."
