@@ -134,7 +134,7 @@ def main() -> None:
         verdict = "" if target is None else ("pass" if ratio <= target else "FAIL")
         print(
             f"{method_name:8s} {mode:12s} N={count}  plain {row['plain_ms']:7.1f} ms  outer "
-            f"{row['outer_ms']:8.1f} ms  ratio {ratio:5.2f}  target {target or '-'} {verdict}",
+            f"{row['outer_ms']:8.1f} ms  ratio {ratio:5.2f}  target {'-' if target is None else f'{target:.1f}'} {verdict}",
             flush=True,
         )
     if args.write:
