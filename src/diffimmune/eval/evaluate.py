@@ -139,11 +139,7 @@ def evaluate_attack(
     reference_features = {(c, v): encoder.encode_images(refs) for _, c, v, _, refs in plans}
     rows = []
     attack_name = attack_dir.name
-    base_values = {n: t.detach().clone() for n, t in model.named_parameters().items()}
-    for step, folder in attack_checkpoints(attack_dir).items():
-        model.load_parameters(base_values)
-        model.load_delta(folder)
-        shared = shared_samples / weights_fingerprint(model) if shared_samples is not None else None
+    for step, folder, shared in checkpoint_states(model, attack_dir, shared_samples):
         other_fakes, other_reals = [], []
         for kind, column, value, prompts, references in plans:
             seeds = [EVAL_SEED * 1000 + i for i in range(len(prompts))]
@@ -186,6 +182,17 @@ def evaluate_attack(
             )
             log(f"{attack_name} step {step}: detection {summary}")
     return rows
+
+
+def checkpoint_states(model, attack_dir: Path, shared_samples: Path | None):
+    """Yield (step, checkpoint folder, shared sample folder or None) with `model` holding that step's
+    weights: the attacked model with the step's delta applied on a fresh copy of its own values."""
+    base_values = {n: t.detach().clone() for n, t in model.named_parameters().items()}
+    for step, folder in attack_checkpoints(attack_dir).items():
+        model.load_parameters(base_values)
+        model.load_delta(folder)
+        shared = shared_samples / weights_fingerprint(model) if shared_samples is not None else None
+        yield step, folder, shared
 
 
 def write_metrics_csv(rows: list[dict], path: Path) -> Path:

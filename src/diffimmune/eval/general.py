@@ -27,11 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffimmune.attacks.runner import attack_checkpoints
 from diffimmune.data.sources import load_concept_data, parse_filter
 from diffimmune.errors import DiffImmuneError
 from diffimmune.eval.metrics import FeatureExtractor, best_of_n_failure, clip_score, fid_kid
-from diffimmune.eval.sampling import generate_cached, weights_fingerprint
+from diffimmune.eval.sampling import generate_cached
 
 SAFE_CONCEPT = "safe"
 
@@ -89,7 +88,7 @@ def evaluate_general(
     log=None,
     shared_samples: Path | None = None,
 ) -> list[dict]:
-    from diffimmune.eval.evaluate import EVAL_SEED
+    from diffimmune.eval.evaluate import EVAL_SEED, checkpoint_states
 
     encoders = load_encoders(settings)
     lpips = None
@@ -117,12 +116,8 @@ def evaluate_general(
         for kind, encoder in encoders.items()
     }
     first = next(iter(encoders))
-    base_values = {n: t.detach().clone() for n, t in model.named_parameters().items()}
     rows = []
-    for step, folder in attack_checkpoints(attack_dir).items():
-        model.load_parameters(base_values)
-        model.load_delta(folder)
-        shared = shared_samples / weights_fingerprint(model) if shared_samples is not None else None
+    for step, folder, shared in checkpoint_states(model, attack_dir, shared_samples):
         base = {"model": model_source, "attack": attack_dir.name, "step": step}
         for plan in plans:
             seeds = [EVAL_SEED * 1000 + i for i in range(len(plan.prompts))]
