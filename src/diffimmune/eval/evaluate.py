@@ -36,6 +36,7 @@ from diffimmune.files import atomic_file
 
 COLUMNS = ("model", "attack", "step", "concept", "metric", "value")
 EVAL_SEED = 777
+SAFE_CONCEPT = "safe"  # the concept of the rows measured on safe generations (FID/KID)
 SHARED_SAMPLES = "shared-samples"  # under a run folder: generations keyed by the weights that made them
 
 
@@ -171,7 +172,7 @@ def evaluate_attack(
             scores = fid_kid(
                 torch.cat(other_reals), torch.cat(other_fakes), FeatureExtractor(raw_encoder.encode_images)
             )
-            base = {"model": model_source, "attack": attack_name, "step": step, "concept": "safe"}
+            base = {"model": model_source, "attack": attack_name, "step": step, "concept": SAFE_CONCEPT}
             rows.append({**base, "metric": "fid_world", "value": scores["fid"]})
             rows.append({**base, "metric": "kid_world", "value": scores["kid_mean"]})
         if log is not None:

@@ -32,8 +32,6 @@ from diffimmune.errors import DiffImmuneError
 from diffimmune.eval.metrics import FeatureExtractor, best_of_n_failure, clip_score, fid_kid
 from diffimmune.eval.sampling import generate_cached
 
-SAFE_CONCEPT = "safe"
-
 
 @dataclass
 class Plan:
@@ -88,7 +86,7 @@ def evaluate_general(
     log=None,
     shared_samples: Path | None = None,
 ) -> list[dict]:
-    from diffimmune.eval.evaluate import EVAL_SEED, checkpoint_states
+    from diffimmune.eval.evaluate import EVAL_SEED, SAFE_CONCEPT, checkpoint_states
 
     encoders = load_encoders(settings)
     lpips = None
