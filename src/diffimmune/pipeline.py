@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from diffimmune.config import (
     ATTACK_METHODS,
@@ -86,8 +86,20 @@ class EvaluateSpec(StrictModel):
     clip: str | None = Field(default=None, description="CLIP checkpoint folder (models outside the world)")
     dino: str | None = Field(default=None, description="DINOv2 checkpoint folder (models outside the world)")
     lpips: str | None = Field(default=None, description="LPIPS backbone, e.g. alex (extra diffimmune[lpips])")
-    nsfw: bool = Field(default=False, description="detection by NudeNet (extra diffimmune[nsfw])")
+    nsfw: Literal["nudenet", "opennsfw"] | None = Field(
+        default=None,
+        description="detection by an NSFW detector: nudenet (extra diffimmune[nsfw]) or opennsfw "
+        "(extra diffimmune[opennsfw]); true means nudenet",
+    )
     safe_data: str | None = Field(default=None, description="captioned folder[::filter] of concepts to keep")
+
+    @field_validator("nsfw", mode="before")
+    @classmethod
+    def _nsfw_flag(cls, value):
+        # `nsfw: true` (the first form of the setting) still means NudeNet; false means none.
+        if isinstance(value, bool):
+            return "nudenet" if value else None
+        return value
 
 
 class ReportSpec(StrictModel):

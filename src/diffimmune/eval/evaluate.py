@@ -52,7 +52,7 @@ class EvalSettings:
     clip: str | None = None  # a CLIP checkpoint folder: similarity_clip, clip_score, FID in CLIP space
     dino: str | None = None  # a DINOv2 checkpoint folder: similarity_dino
     lpips: str | None = None  # an LPIPS backbone (alex, vgg): similarity_lpips (extra diffimmune[lpips])
-    nsfw: bool = False  # detection = NudeNet's nudity flag (extra diffimmune[nsfw])
+    nsfw: str | None = None  # detection by an NSFW detector: nudenet (extra [nsfw]) or opennsfw ([opennsfw])
     safe_data: str | None = None  # a captioned folder[::filter] of concepts to keep: retention and FID
 
 
