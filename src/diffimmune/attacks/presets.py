@@ -16,7 +16,8 @@ def world_attack(method: str, concept: str = "heart", steps: int = 400, **overri
         "lora": {"learning_rate": 3e-3, "rank": 4},
         "dreambooth": {"learning_rate": 5e-5, "prior_preservation": True, "class_prompt": "a red shape"},
         "textual_inversion": {"learning_rate": 1e-2},
-        "custom_diffusion": {"learning_rate": 3e-3},
+        # Batch 8: at batch 4 K/V + token reach 44% on the held-out heart in 400 steps, at 8 81-88%.
+        "custom_diffusion": {"learning_rate": 3e-3, "batch_size": 8},
         "full": {"learning_rate": 5e-5},
         "benign": {"learning_rate": 1e-3, "benign_method": "lora"},
     }[method]
