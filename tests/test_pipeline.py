@@ -86,9 +86,17 @@ def test_top_level_errors_come_with_the_sections_errors(tmp_path):
 
 def test_the_cache_reruns_only_what_changed(fast_world, tmp_path):
     experiment = tiny_experiment(fast_world[1].model_dir)
+    planned = sum(
+        s.images
+        for s in build_stages(validate_experiment(experiment), tmp_path / "run")
+        if s.kind == "evaluate"
+    )
     first = run_experiment(
         validate_experiment(experiment), tmp_path / "run", progress=False, log=lambda m: None
     )
+    # The plan counts what is generated: every image is made once (shared samples, keyed by weights).
+    made = list((tmp_path / "run" / "shared-samples").rglob("*.png"))
+    assert planned == len(made) == 2 * (2 * 2 * 3 + 2 * 2 * 1)  # 2 models x (steps 0, 2, 4; step 2)
     kinds = [e.split(":")[0] for e in first.executed]
     # erase, immunize, 2 models x 2 attacks (each attacked and evaluated), report
     assert kinds.count("erase") == 1 and kinds.count("immunize") == 1
@@ -159,8 +167,10 @@ def test_dry_run_prints_the_plan_and_runs_nothing(fast_world, tmp_path):
     result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "immunize  imma" in result.output and "2 training steps" in result.output
-    # imma / lora: 3 saved steps x 2 samples x (1 target + 1 other concept)
-    assert "12 images generated" in result.output
+    # imma / lora: 3 saved steps x 2 samples x (1 target + 1 other concept); imma / lora_fast: its step 0
+    # is imma's own, generated once for both attacks, so only step 2 counts
+    assert "imma / lora " in result.output and "12 images generated" in result.output
+    assert "4 images generated" in result.output
     assert not (tmp_path / "run" / "erase").exists()
 
 

@@ -456,6 +456,7 @@ def build_stages(plan: ExperimentPlan, run_dir: Path) -> list[Stage]:
         stages.append(Stage("immunize", name, folder, key, training_steps=config.steps, model=start))
         keys[name], folders[name] = key, folder
     settings = experiment.evaluate
+    sampled_at_start: set = set()  # (model, what is generated) already counted at step 0 (shared samples)
     for model in plan.attack_models:
         for attack in plan.attacks:
             config = attack.config
@@ -466,15 +467,18 @@ def build_stages(plan: ExperimentPlan, run_dir: Path) -> list[Stage]:
                 Stage("attack", f"{model} / {attack.name}", folder, key, config.steps, images, model=model)
             )
             eval_key = stage_hash("evaluate", key, evaluation_key(settings), attack.targets)
-            others = _other_count(plan, attack.targets, settings.other_concepts)
-            per_step = settings.samples * (len(attack.targets) + others)
+            generated = _evaluation_sets(plan, attack, settings)
+            later = sum(generated.values()) * (len(config.checkpoints()) - 1)
+            # Every attack's step 0 is the model itself: a set generated there once is shared.
+            first = sum(n for what, n in generated.items() if (model, what) not in sampled_at_start)
+            sampled_at_start.update((model, what) for what in generated)
             stages.append(
                 Stage(
                     "evaluate",
                     f"{model} / {attack.name}",
                     folder / f"eval-{eval_key}.csv",
                     eval_key,
-                    images=per_step * len(config.checkpoints()),
+                    images=first + later,
                     model=model,
                 )
             )
@@ -484,12 +488,20 @@ def build_stages(plan: ExperimentPlan, run_dir: Path) -> list[Stage]:
     return stages
 
 
-def _other_count(plan: ExperimentPlan, targets: list[str], limit: int | None) -> int:
+def _evaluation_sets(plan: ExperimentPlan, attack, settings) -> dict[tuple, int]:
+    """What one saved step of an attack generates for its evaluation: (concept, prompt template, token)
+    -> images. Targets are prompted through the attack's template; the world's other shapes by their
+    captions, the safe data (models outside the world) by its own captions."""
+    config = attack.config
+    sets = {(t, config.prompt, config.token): settings.samples for t in attack.targets}
     if plan.world is None:
-        return 0
-    shapes = {t.partition("=")[2] for t in targets if t.startswith("shape=")}
-    count = len([s for s in plan.world.known_shapes if s not in shapes])
-    return min(count, limit) if limit else count
+        if settings.safe_data:
+            sets[(settings.safe_data, None, None)] = settings.references
+        return sets
+    shapes = {t.partition("=")[2] for t in attack.targets if t.startswith("shape=")}
+    others = [s for s in plan.world.known_shapes if s not in shapes][: settings.other_concepts]
+    sets.update({(f"shape={s}", None, None): settings.samples for s in others})
+    return sets
 
 
 def describe_plan(plan: ExperimentPlan, stages: list[Stage]) -> list[str]:
