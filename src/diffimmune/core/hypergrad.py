@@ -11,6 +11,9 @@ Owns the three ways diffimmune differentiates "the loss *after* a fine-tune" w.r
   so the hypergradient solves (I + gamma H) x = g, here by Richardson (truncated Neumann) iterations of
   Hessian-vector products (ResAlign).
 
+Second-order passes (the unrolled inner steps, Hessian-vector products) run under the math attention
+kernel, the only one with a double backward; every other pass keeps the fastest kernel.
+
 Everything works on ``params: dict[str, Tensor]``; an inner step is a pure function
 ``inner_step(params, batch, create_graph=...) -> params``. The solver `richardson_solve` and the
 Hessian-vector product `hvp` are public so other methods reuse them.
@@ -27,6 +30,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from diffimmune.core.objective import math_attention
 from diffimmune.errors import DiffImmuneError
 
 __all__ = [
@@ -140,16 +144,17 @@ def hvp(loss_fn: Callable[[Params], Tensor], params: Params, vector: Params) -> 
     if set(vector) != set(params):
         raise DiffImmuneError("hvp: the vector must have the same names as the parameters")
     leaves = _fresh_leaves(params)
-    grads = _grad(loss_fn(leaves), leaves, create_graph=True)
-    names = [name for name in leaves if grads[name].requires_grad]
-    if not names:
-        return {name: torch.zeros_like(value) for name, value in leaves.items()}
-    products = torch.autograd.grad(
-        [grads[name] for name in names],
-        [leaves[name] for name in names],
-        grad_outputs=[vector[name].to(grads[name]) for name in names],
-        allow_unused=True,
-    )
+    with math_attention():  # differentiated twice: the one pass that needs the math kernel
+        grads = _grad(loss_fn(leaves), leaves, create_graph=True)
+        names = [name for name in leaves if grads[name].requires_grad]
+        if not names:
+            return {name: torch.zeros_like(value) for name, value in leaves.items()}
+        products = torch.autograd.grad(
+            [grads[name] for name in names],
+            [leaves[name] for name in names],
+            grad_outputs=[vector[name].to(grads[name]) for name in names],
+            allow_unused=True,
+        )
     by_name = dict(zip(names, products, strict=True))
     return {
         name: (by_name.get(name) if by_name.get(name) is not None else torch.zeros_like(value)).detach()
@@ -228,7 +233,10 @@ def hypergradient(
             else value.detach()
             for name, value in params.items()
         }
-        adapted = adapt(sources, inner_step, inner_batches, create_graph=True)
+        # The inner steps are differentiated twice and need the math attention kernel; the upper loss
+        # only once, so it keeps the fastest kernel.
+        with math_attention():
+            adapted = adapt(sources, inner_step, inner_batches, create_graph=True)
         loss = outer_loss(adapted, outer_batch)
         grads = _grad(loss, {n: v for n, v in sources.items() if n in chosen}, create_graph=False)
         detached = {name: value.detach() for name, value in adapted.items()}

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from diffimmune.core.hypergrad import adapt, hypergradient
-from diffimmune.core.objective import Batch, diffusion_loss, math_attention
+from diffimmune.core.objective import Batch, diffusion_loss
 from diffimmune.core.train import StepOutput
 from diffimmune.methods.common import Context, Method, inner_of, store_inner, theta_of
 
@@ -152,17 +152,16 @@ class BilevelMethod(Method):
 
         z0 = {THETA + n: v.detach() for n, v in theta.items()} | residuals
         if self.config.hypergradient == "unrolled":
-            with math_attention():
-                result = hypergradient(
-                    z0,
-                    mode="unrolled",
-                    inner_step=inner_step,
-                    inner_loss=_unused,
-                    outer_loss=upper,
-                    inner_batches=inner_batches,
-                    outer_batch=outer_batches,
-                    wrt=[THETA + n for n in self.theta_names],
-                )
+            result = hypergradient(
+                z0,
+                mode="unrolled",
+                inner_step=inner_step,
+                inner_loss=_unused,
+                outer_loss=upper,
+                inner_batches=inner_batches,
+                outer_batch=outer_batches,
+                wrt=[THETA + n for n in self.theta_names],
+            )
             grads = {n: result.grads[THETA + n] for n in self.theta_names}
             outer_value, adapted_z = result.outer_loss, result.adapted
         else:

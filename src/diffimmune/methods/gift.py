@@ -38,15 +38,13 @@ What diffimmune does:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from diffimmune.core.hooks import capture_activations, match_module_names
 from diffimmune.core.hypergrad import gradient_step, hypergradient
 from diffimmune.core.mmd import mmd_rbf
-from diffimmune.core.objective import Batch, diffusion_loss, math_attention, sample_noise_and_timesteps
+from diffimmune.core.objective import Batch, diffusion_loss, sample_noise_and_timesteps
 from diffimmune.core.train import StepOutput
 from diffimmune.errors import DiffImmuneError
 from diffimmune.methods.common import Context, Method, theta_of
@@ -148,16 +146,15 @@ class GIFT(Method):
             return self.upper_loss(values, batches, record)
 
         mode = self.config.hypergradient
-        with math_attention() if mode == "unrolled" else contextlib.nullcontext():
-            result = hypergradient(
-                {n: v.detach() for n, v in theta.items()},
-                mode=mode,
-                inner_step=preserve,
-                inner_loss=self.safe_loss,
-                outer_loss=upper,
-                inner_batches=safe_batches,
-                outer_batch=target_batches,
-            )
+        result = hypergradient(
+            {n: v.detach() for n, v in theta.items()},
+            mode=mode,
+            inner_step=preserve,
+            inner_loss=self.safe_loss,
+            outer_loss=upper,
+            inner_batches=safe_batches,
+            outer_batch=target_batches,
+        )
         # The lower level's update is part of the released weights (GIFT alternates on one model).
         with torch.no_grad():
             for name in self.theta_names:

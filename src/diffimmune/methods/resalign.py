@@ -213,9 +213,12 @@ def moreau_surrogate(
             list(inner_batches)[-implicit.hessian_batches :] if implicit.hessian_batches else inner_batches
         )
         leaves = {n: v.detach().requires_grad_(True) for n, v in adapted.items()}
-        loss = sum(inner_loss(leaves, released, batch) for batch in chosen) / len(chosen)
-        names = list(leaves)
-        grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=True, allow_unused=True)
+        with math_attention():  # this gradient is differentiated again (the fused kernels cannot be)
+            loss = sum(inner_loss(leaves, released, batch) for batch in chosen) / len(chosen)
+            names = list(leaves)
+            grads = torch.autograd.grad(
+                loss, [leaves[n] for n in names], create_graph=True, allow_unused=True
+            )
         mixed = sum((x[n] * g).sum() for n, g in zip(names, grads, strict=True) if g is not None)
         surrogate = surrogate - implicit.gamma * mixed
     surrogate = surrogate + outer_loss(adapted, released, outer_batch)
@@ -388,18 +391,17 @@ class ResAlign(Method):
             attack.learning_rate,
             attack.grad_clip,
         )
-        with math_attention():  # the fused attention kernels have no double backward
-            return moreau_surrogate(
-                released,
-                init_state=lambda weights: adapter.init_state(self.model, base_of(weights)),
-                inner_loss=finetune_loss,
-                outer_loss=outer,
-                inner_step=optimizer,
-                inner_batches=batches,
-                outer_batch=outer_batches,
-                implicit=self.implicit_config(),
-                loss_reads_released=not isinstance(adapter, FullAdapter),
-            )
+        return moreau_surrogate(
+            released,
+            init_state=lambda weights: adapter.init_state(self.model, base_of(weights)),
+            inner_loss=finetune_loss,
+            outer_loss=outer,
+            inner_step=optimizer,
+            inner_batches=batches,
+            outer_batch=outer_batches,
+            implicit=self.implicit_config(),
+            loss_reads_released=not isinstance(adapter, FullAdapter),
+        )
 
     # -- one outer step
     def lora_state(self, params: Params) -> Params:
