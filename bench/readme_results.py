@@ -23,22 +23,31 @@ def find(pattern: str, file: str) -> str:
     return match.group(1) if match else "not found"
 
 
-def relearning_summary(results: dict) -> str:
-    """Target detection after the LoRA attack's last step, per model and target set."""
+def relearning_summary(tables: list[dict]) -> str:
+    """Per re-learning run (configs/relearning-N.yaml, table.json by bench/relearning_table.py): target
+    detection over the LoRA attack's saved steps, retention, FID and MSGR per model."""
     lines = [
-        "#### Re-learning (bench/relearning.py, [docs/relearning](docs/relearning/README.md))",
+        "#### Re-learning after UCE ([docs/relearning](docs/relearning/README.md), `diffimmune run configs/relearning-N.yaml`)",
         "",
-        "| targets | model | target rate, attack step 0 | max over saved steps | other shapes |",
-        "|---|---|---|---|---|",
+        "| targets | model | target detection at steps 0 / 50 / 100 / 200 / 400 | max | other shapes | FID other shapes | MSGR vs erased |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for size, data in results["sets"].items():
-        for model, row in data["rows"].items():
-            curves = [list(c.values()) for c in row["targets"].values()]
-            steps = len(curves[0])
-            mean = [sum(c[i]["rate"] for c in curves) / len(curves) for i in range(steps)]
-            other = sum(row["other_shapes"].values()) / len(row["other_shapes"])
-            lines.append(f"| {size} | {model} | {mean[0]:.0%} | {max(mean):.0%} | {other:.0%} |")
+    for table in tables:
+        count = len(table["targets"])
+        for row in relearning_rows(table):
+            lines.append(f"| {count} {row}")
     return "\n".join(lines)
+
+
+def relearning_rows(table: dict) -> list[str]:
+    rows = []
+    for model, row in table["models"].items():
+        curve = " / ".join(f"{d:.0%}" for d in row["detection"])
+        other = "—" if row["other_shapes"] is None else f"{row['other_shapes']:.0%}"
+        fid = "—" if row["fid"] is None else f"{row['fid']:.1f}"
+        gap = "—" if row["msgr"] is None else f"{row['msgr']:.3f}"
+        rows.append(f"| {model} | {curve} | {row['max']:.0%} | {other} | {fid} | {gap} |")
+    return rows
 
 
 def efficacy_summary(results: dict) -> str:
@@ -153,9 +162,9 @@ def main() -> None:
     efficacy = RESULTS / "efficacy.json"
     if efficacy.is_file():
         table += "\n\n" + efficacy_summary(json.loads(efficacy.read_text()))
-    relearning = ROOT / "docs" / "relearning" / "results.json"
-    if relearning.is_file():
-        table += "\n\n" + relearning_summary(json.loads(relearning.read_text()))
+    relearning = sorted((ROOT / "docs" / "relearning").glob("relearning-*/table.json"))
+    if relearning:
+        table += "\n\n" + relearning_summary([json.loads(path.read_text()) for path in relearning])
     readme = ROOT / "README.md"
     text = readme.read_text()
     text = re.sub(

@@ -1,0 +1,103 @@
+"""The re-learning table of a pipeline run (configs/relearning-N.yaml, per-target LoRA attacks): per model,
+target detection at every saved step (mean over the per-target attacks), its maximum, the other shapes'
+detection before any attack, FID of the other shapes before any attack (world encoder) and MSGR against
+the erased model at the last step. Prints the markdown rows and writes table.json beside --out.
+
+    python bench/relearning_table.py runs/relearning-3 --out docs/relearning/relearning-3/table.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from readme_results import relearning_rows
+
+from diffimmune.eval.evaluate import SAFE_CONCEPT, read_metrics_csv
+from diffimmune.eval.metrics import msgr
+
+ERASED = "erased"
+
+
+def model_name(source: str) -> str:
+    """A pipeline run's model folder -> its name in the experiment (run/erase/uce-<hash> is 'erased',
+    run/immunize/<name>-<hash>/delta is <name>)."""
+    parts = Path(source).parts
+    if "erase" in parts:
+        return ERASED
+    if "immunize" in parts:
+        return parts[parts.index("immunize") + 1].rsplit("-", 1)[0]
+    return Path(source).name
+
+
+def relearning_table(run: Path) -> dict:
+    experiment = json.loads((run / "experiment.json").read_text())
+    targets = [t.partition("=")[2] or t for t in experiment["targets"]]
+    series: dict = defaultdict(dict)
+    for row in read_metrics_csv(run / "metrics.csv"):
+        key = (model_name(row["model"]), row["attack"], row["concept"], row["metric"])
+        series[key][row["step"]] = row["value"]
+    models = sorted({k[0] for k in series}, key=lambda m: (m != ERASED, m))
+    attacks = sorted({k[1] for k in series})
+    table = {}
+    for model in models:
+        per_target = {
+            t: series[(model, a, f"shape={t}", "detection")]
+            for t in targets
+            for a in attacks
+            if a.endswith(f"-{t}")
+        }
+        steps = sorted(set.intersection(*(set(curve) for curve in per_target.values())))
+        detection = [float(np.mean([per_target[t][s] for t in per_target])) for s in steps]
+        others = [
+            curve[0]
+            for (m, _a, concept, metric), curve in series.items()
+            if m == model
+            and metric == "detection"
+            and concept.partition("=")[2] not in targets
+            and 0 in curve
+        ]
+        fid = [
+            curve[0]
+            for (m, _a, c, metric), curve in series.items()
+            if m == model and c == SAFE_CONCEPT and metric == "fid_world"
+        ]
+        row = {
+            "steps": steps,
+            "detection": detection,
+            "max": max(detection),
+            "other_shapes": float(np.mean(others)) if others else None,
+            "fid": float(np.mean(fid)) if fid else None,
+            "msgr": None,
+        }
+        if model != ERASED:
+            last = steps[-1]
+            pairs = {}
+            for t in targets:
+                (attack,) = [a for a in attacks if a.endswith(f"-{t}")]
+                concept = f"shape={t}"
+                erased = series.get((ERASED, attack, concept, "similarity_world"), {})
+                mine = series.get((model, attack, concept, "similarity_world"), {})
+                if last in erased and last in mine:
+                    pairs[concept] = (erased[last], mine[last])
+            row["msgr"] = msgr(pairs) if pairs else None
+        table[model] = row
+    return {"run": run.name, "targets": targets, "models": table}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="table.json to write")
+    args = parser.parse_args()
+    table = relearning_table(args.run)
+    print("\n".join(relearning_rows(table)))
+    if args.out:
+        args.out.write_text(json.dumps(table, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
