@@ -74,7 +74,7 @@ def experiment(size: int, args) -> dict:
     defences["resalign_lambda0"] = {**defences["resalign"], "relearn_weight": 0.0}
     save_at = sorted({0, args.attack_steps // 2, args.attack_steps})
     attacks = {
-        name: {"preset": name, "steps": args.attack_steps, "save_at": save_at, "per_target": False}
+        name: {"preset": name, "steps": args.attack_steps, "save_at": save_at, "per_target": args.per_target}
         for name in ATTACKS
     }
     return {
@@ -88,10 +88,33 @@ def experiment(size: int, args) -> dict:
     }
 
 
-def cells(rows: list[dict], sources: dict[str, str]) -> dict:
-    """(model name, attack) -> the cell's numbers."""
+def per_target_rows(rows: list[dict], targets: list[str]) -> list[dict]:
+    """Rows of per-target attacks (`lora-star`, `lora-square`, ...) under their attack's name (`lora`),
+    each target's numbers taken from its own attack only; other attacks' rows unchanged. Step 0 is the
+    same model under every per-target attack, so the other concepts' step-0 numbers agree; the FID
+    (whose other concepts include the remaining targets) is the first target's attack's."""
+    wanted = set(targets)
+    out = []
+    for row in rows:
+        base, _, suffix = row["attack"].rpartition("-")
+        own = f"shape={suffix}"
+        if base and own in wanted:
+            if row["concept"] in wanted and row["concept"] != own:
+                continue  # another target's numbers under this target's attack
+            if row["concept"] == "safe" and own != targets[0]:
+                continue
+            row = {**row, "attack": base}
+        out.append(row)
+    return out
+
+
+def cells(rows: list[dict], sources: dict[str, str], targets: list[str] | None = None) -> dict:
+    """(model name, attack) -> the cell's numbers. With `targets`, per-target attacks are pooled per
+    attack method (`per_target_rows`)."""
     from diffimmune.eval.metrics import msgr
 
+    if targets:
+        rows = per_target_rows(rows, targets)
     names = {source: name for name, source in sources.items()}
     series: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     targets: dict = defaultdict(set)
@@ -197,6 +220,11 @@ def main() -> None:
     parser.add_argument("--other-concepts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true", help="print each set's plan and stop")
+    parser.add_argument(
+        "--per-target",
+        action="store_true",
+        help="one attack per target concept (its own images and token) instead of one on them all pooled",
+    )
     parser.add_argument("--title", default="Efficacy matrix on the world model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -220,7 +248,11 @@ def main() -> None:
             plan, args.work / f"set{size}", progress=False, log=lambda m: print(m, flush=True)
         )
         results[size] = {
-            "cells": cells(read_metrics_csv(run.metrics_csv), run.model_sources),
+            "cells": cells(
+                read_metrics_csv(run.metrics_csv),
+                run.model_sources,
+                [f"shape={t}" for t in TARGET_SETS[size]] if args.per_target else None,
+            ),
             "report": str(run.report.relative_to(ROOT))
             if run.report.is_relative_to(ROOT)
             else str(run.report),
