@@ -26,6 +26,12 @@ def sample_key(prompt: str, seed: int, steps: int, guidance_scale: float, sample
     return hashlib.sha1(f"{prompt}|{seed}|{steps}|{guidance_scale}|{sampler}".encode()).hexdigest()[:20]
 
 
+def load_png(path: str | Path) -> torch.Tensor:
+    """A cached generation as [3, H, W] in [0, 1]."""
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
 def weights_fingerprint(model) -> str:
     """A digest of everything that decides a generation besides the prompt, seed and sampler settings:
     every weight (denoiser, text encoder, autoencoder) with its name, shape and dtype, the tokenizer's
@@ -71,9 +77,7 @@ def generate_cached(
             path = folder / f"{key}.png" if folder is not None else None
             if path is None or not path.is_file():
                 continue
-            images[index] = (
-                torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
-            )
+            images[index] = load_png(path)
             if folder is shared and cache is not None:
                 with atomic_file(cache / path.name) as temporary:
                     shutil.copyfile(path, temporary)
