@@ -56,7 +56,7 @@ def main() -> None:
             field, _, value = item.partition("=")
             overrides[field] = yaml.safe_load(value)
         config = world_attack(method, args.concept, args.steps, **overrides)
-        run_attack(model, config, out / method, progress=False, world=world)
+        run_attack(model, config, out / method, resume=False, progress=False, world=world)
         print(f"{method}: {time.perf_counter() - started:.0f} s")
     settings = EvalSettings(
         samples=args.samples, other_concepts=args.other_concepts, fid=args.other_concepts > 0

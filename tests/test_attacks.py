@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from diffimmune.attacks.runner import attack_checkpoints, run_attack
+from diffimmune.attacks.runner import attack_checkpoints, run_attack, step_folder
 from diffimmune.cli import app
 from diffimmune.config import AttackConfig
 from diffimmune.data.sources import model_world
+from diffimmune.errors import DiffImmuneError
 from diffimmune.models.params import select_parameters
 
 EXPECTED = {
@@ -77,6 +78,24 @@ def test_lora_attack_checkpoints_load_with_load_lora_weights(world_model, tmp_pa
     pipeline = world_model.as_pipeline()
     pipeline.load_lora_weights(run.checkpoints[3] / "lora")
     assert any("lora" in n for n, _ in pipeline.unet.named_parameters())
+
+
+def test_a_folder_of_another_attack_is_never_resumed_as_this_one(world_model, tmp_path):
+    world = model_world(world_model)
+    first = attack_config("lora", steps=2, save_at=[0])
+    run_attack(world_model, first, tmp_path / "run", progress=False, world=world)
+    before = load_file(str(step_folder(tmp_path / "run", 2) / "delta.safetensors"))
+    # The same settings resume (nothing to do); other settings are refused, naming what differs.
+    run_attack(world_model, first, tmp_path / "run", progress=False, world=world)
+    changed = attack_config("lora", steps=2, save_at=[0], learning_rate=5e-3)
+    with pytest.raises(DiffImmuneError, match=r"other settings \(learning_rate\).*--no-resume"):
+        run_attack(world_model, changed, tmp_path / "run", progress=False, world=world)
+    # Without resume the folder is replaced: its step 2 is the new attack's, trained from step 0.
+    run = run_attack(world_model, changed, tmp_path / "run", resume=False, progress=False, world=world)
+    after = load_file(str(run.checkpoints[2] / "delta.safetensors"))
+    assert any(not torch.equal(after[n], before[n]) for n in before)
+    manifest = json.loads((run.checkpoints[2] / "manifest.json").read_text())
+    assert manifest["hyperparameters"]["learning_rate"] == 5e-3
 
 
 def test_cli_attack_runs_from_a_yaml_config(fast_world, tmp_path):

@@ -13,6 +13,7 @@ Layout of an attack folder:
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +59,9 @@ def run_attack(
     """Fine-tune `model` as `config` says, saving the attacked tensors at every checkpoint step.
     The model's own weights are not changed. `world` is its WorldConfig for `world:` data."""
     out_dir = ensure_writable_folder(out_dir, "attack folder")
-    write_json_atomic(
-        out_dir / "attack.json", {"config": config.model_dump(mode="json"), "model": model.source}
-    )
+    record = {"config": config.model_dump(mode="json"), "model": model.source}
+    _replace_other_attack(out_dir, record, resume)
+    write_json_atomic(out_dir / "attack.json", record)
     adapter = attack_adapter(config)
     data = load_concept_data(config.data, config.num_images, config.seed, world=world, size=model.image_size)
     with torch.no_grad():
@@ -137,6 +138,30 @@ def run_attack(
         s: step_folder(out_dir, s) for s in wanted if (step_folder(out_dir, s) / "manifest.json").is_file()
     }
     return AttackRun(out_dir, config, checkpoints)
+
+
+def _replace_other_attack(out_dir: Path, record: dict, resume: bool) -> None:
+    """A folder that holds an attack with other settings (or on another model) is never resumed: its
+    checkpoints would pass for this attack's. With resume it is an error; without, it is cleared."""
+    path = out_dir / "attack.json"
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    old, new = previous.get("config", {}), record["config"]
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if previous.get("model") != record["model"]:
+        changed.insert(0, "model")
+    if not changed:
+        return
+    if resume:
+        raise DiffImmuneError(
+            f"{out_dir} holds an attack with other settings ({', '.join(changed)}); give another --out, "
+            "or --no-resume to replace it"
+        )
+    for folder in (out_dir / STEPS_FOLDER, out_dir / "train"):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    (out_dir / "class_images.safetensors").unlink(missing_ok=True)
 
 
 def attack_checkpoints(out_dir: str | Path) -> dict[int, Path]:
