@@ -165,6 +165,11 @@ def main() -> None:
     relearning = sorted((ROOT / "docs" / "relearning").glob("relearning-*/table.json"))
     if relearning:
         table += "\n\n" + relearning_summary([json.loads(path.read_text()) for path in relearning])
+    personalisation = ROOT / "docs" / "personalisation" / "README.md"
+    if personalisation.is_file():
+        rows = [line for line in personalisation.read_text().splitlines() if line.startswith("|")]
+        title = "#### Personalisation, MIMA against heart and moon ([docs/personalisation](docs/personalisation/README.md))"
+        table += "\n\n" + title + "\n\n" + "\n".join(rows)
     readme = ROOT / "README.md"
     text = readme.read_text()
     text = re.sub(
