@@ -85,8 +85,17 @@ def test_a_folder_of_another_attack_is_never_resumed_as_this_one(world_model, tm
     first = attack_config("lora", steps=2, save_at=[0])
     run_attack(world_model, first, tmp_path / "run", progress=False, world=world)
     before = load_file(str(step_folder(tmp_path / "run", 2) / "delta.safetensors"))
-    # The same settings resume (nothing to do); other settings are refused, naming what differs.
+    # The same settings resume (nothing to do), a longer run continues; other settings are refused,
+    # naming what differs.
     run_attack(world_model, first, tmp_path / "run", progress=False, world=world)
+    longer = run_attack(
+        world_model,
+        attack_config("lora", steps=3, save_at=[0]),
+        tmp_path / "run",
+        progress=False,
+        world=world,
+    )
+    assert sorted(longer.checkpoints) == [0, 3] and step_folder(tmp_path / "run", 2).is_dir()
     changed = attack_config("lora", steps=2, save_at=[0], learning_rate=5e-3)
     with pytest.raises(DiffImmuneError, match=r"other settings \(learning_rate\).*--no-resume"):
         run_attack(world_model, changed, tmp_path / "run", progress=False, world=world)
@@ -94,6 +103,7 @@ def test_a_folder_of_another_attack_is_never_resumed_as_this_one(world_model, tm
     run = run_attack(world_model, changed, tmp_path / "run", resume=False, progress=False, world=world)
     after = load_file(str(run.checkpoints[2] / "delta.safetensors"))
     assert any(not torch.equal(after[n], before[n]) for n in before)
+    assert sorted(run.checkpoints) == [0, 2] and not step_folder(tmp_path / "run", 3).exists()
     manifest = json.loads((run.checkpoints[2] / "manifest.json").read_text())
     assert manifest["hyperparameters"]["learning_rate"] == 5e-3
 

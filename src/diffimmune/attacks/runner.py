@@ -142,13 +142,16 @@ def run_attack(
 
 def _replace_other_attack(out_dir: Path, record: dict, resume: bool) -> None:
     """A folder that holds an attack with other settings (or on another model) is never resumed: its
-    checkpoints would pass for this attack's. With resume it is an error; without, it is cleared."""
+    checkpoints would pass for this attack's. With resume it is an error; without, it is cleared. Only
+    the length and the saved steps may differ: at a constant learning rate with per-step seeds, a longer
+    run's first steps are the shorter run's, so it continues from there."""
     path = out_dir / "attack.json"
     if not path.is_file():
         return
     previous = json.loads(path.read_text())
     old, new = previous.get("config", {}), record["config"]
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    resumable = {"steps", "save_at"}
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in resumable)
     if previous.get("model") != record["model"]:
         changed.insert(0, "model")
     if not changed:
