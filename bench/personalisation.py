@@ -84,12 +84,17 @@ def main() -> None:
             settings,
         )
 
-    detection: dict = defaultdict(dict)
+    names = {read_attack(folder)[1]: model for (model, _attack), folder in folders.items()}
+    detection: dict = defaultdict(dict)  # (model name, attack, concept) -> {step: rate}
     for row in read_metrics_csv(args.run / "metrics.csv"):
         if row["metric"] == "detection":
-            detection[(row["attack"], row["concept"])][row["model"]] = detection[
-                (row["attack"], row["concept"])
-            ].get(row["model"], {}) | {row["step"]: row["value"]}
+            detection[(names[row["model"]], row["attack"], row["concept"])][row["step"]] = row["value"]
+
+    def last_rate(model: str, attacks: list[str]) -> float:
+        """Mean over the targets of each target's detection at its own attack's last step."""
+        curves = [detection[(model, a, f"shape={t}")] for a, t in zip(attacks, targets, strict=True)]
+        return sum(curve[max(curve)] for curve in curves) / len(curves)
+
     other = similarity(args.other_attack)
     print(f"S_other ({args.other_attack}, {args.immunized} vs {args.without}): {other:.3f}\n")
     print(
@@ -101,20 +106,8 @@ def main() -> None:
         if not all((args.immunized, a) in folders and (args.without, a) in folders for a in attacks):
             continue
         target = sum(similarity(a) for a in attacks) / len(attacks)
-        last_rates = []
-        for attack, word in zip(attacks, targets, strict=True):
-            curves = detection[(attack, f"shape={word}")]
-            last_rates.append({m: c[max(c)] for m, c in curves.items()})
-        by_model = defaultdict(list)
-        for rates in last_rates:
-            for m, value in rates.items():
-                by_model[m].append(value)
-        means = {m: sum(v) / len(v) for m, v in by_model.items()}
-        immunized = [v for m, v in means.items() if f"/{args.immunized}-" in m]
-        without = [v for m, v in means.items() if f"/{args.immunized}-" not in m]
-        print(
-            f"| {method} | {without[0]:.0%} / {immunized[0]:.0%} | {target:.3f} | {mrsgr(target, other):.3f} |"
-        )
+        rates = f"{last_rate(args.without, attacks):.0%} / {last_rate(args.immunized, attacks):.0%}"
+        print(f"| {method} | {rates} | {target:.3f} | {mrsgr(target, other):.3f} |")
 
 
 if __name__ == "__main__":
