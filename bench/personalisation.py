@@ -49,7 +49,8 @@ def paired_similarity(first: Path, second: Path, encoder, world, samples: int, s
     ]
     features = []
     for folder in (first, second):
-        last = attack_checkpoints(folder)[max(attack_checkpoints(folder))]
+        saved = attack_checkpoints(folder)
+        last = saved[max(saved)]
         images = torch.stack([load_png(last / "samples" / f"{key}.png") for key in keys])
         features.append(encoder.encode_images(images))
     return (features[0] * features[1]).sum(dim=1).mean().item()

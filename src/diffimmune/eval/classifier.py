@@ -65,6 +65,11 @@ def world_heads(config: WorldConfig) -> dict[str, list[str]]:
     }
 
 
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[N,3,H,W] floats in [0,1] -> [N,H,W,3] uint8 (the pixels a PNG or an image library holds)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def images_to_tensor(images, resolution: int | None = None) -> Tensor:
     """A float [B, 3, H, W] batch in [0, 1] from what callers hold.
 

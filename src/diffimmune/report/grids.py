@@ -6,17 +6,12 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from diffimmune.errors import DiffImmuneError
+from diffimmune.eval.classifier import to_uint8
 from diffimmune.files import atomic_file
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N,3,H,W] floats in [0,1] -> [N,H,W,3] uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def make_grid(
