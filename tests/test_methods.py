@@ -117,6 +117,20 @@ def test_first_order_differs_from_unrolled_but_points_the_same_way(world_model, 
     assert cosine > 0.5
 
 
+@pytest.mark.parametrize("retain_loss", ["diffusion", "distill"])
+def test_the_retain_loss_is_the_configured_one(world_model, tmp_path, retain_loss):
+    config = small_config("imma", retain_weight=1.0, retain_loss=retain_loss)
+    context = Context(world_model, config, tmp_path, model_world(world_model))
+    method = method_registry()["imma"](context)
+    named = world_model.named_parameters()
+    # As the training loop hands them over: leaves that require grad.
+    params = {n: named[n].detach().clone().requires_grad_(True) for n in method.theta_names}
+    params |= {f"inner.{k}": v.requires_grad_(True) for k, v in method.inner_state().items()}
+    retained = method.step(params, 0, torch.Generator().manual_seed(5)).metrics["retain_loss"]
+    # Distillation of the starting model is exactly zero at its own weights; the diffusion loss is not.
+    assert (retained == 0.0) == (retain_loss == "distill")
+
+
 def test_a_killed_run_resumes_to_the_same_delta(world_model, fast_world, tmp_path):
     world = model_world(world_model)
     model_dir = fast_world[1].model_dir

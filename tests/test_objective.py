@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from diffimmune.core.objective import Batch, diffusion_loss, math_attention
+from diffimmune.core.objective import Batch, diffusion_loss, distillation_loss, math_attention
 from diffimmune.models.params import select_parameters
 from diffimmune.models.tiny import build_tiny_pipeline
 
@@ -76,6 +76,22 @@ def test_replaced_parameters_change_the_loss_and_the_model_stays_untouched(tiny_
     moved = diffusion_loss(tiny_model, shifted, batch, torch.Generator().manual_seed(3))
     assert not torch.isclose(base, moved)
     assert all(torch.equal(original[n], t) for n, t in params.items())
+
+
+def test_distillation_is_zero_at_the_models_own_weights_and_pulls_back_to_them(tiny_model):
+    batch = make_batch(tiny_model)
+    params = {n: t.detach().clone() for n, t in select_parameters(tiny_model, "attn").items()}
+    at_start = distillation_loss(tiny_model, params, batch, torch.Generator().manual_seed(6))
+    assert at_start.item() == 0.0
+    moved = {n: (t + 0.05 * torch.randn_like(t)).requires_grad_(True) for n, t in params.items()}
+    loss = distillation_loss(tiny_model, moved, batch, torch.Generator().manual_seed(6))
+    assert loss.item() > 0
+    grads = torch.autograd.grad(loss, list(moved.values()))
+    # A short step down the gradient lowers the distance.
+    stepped = {n: (t - 0.1 * g).detach() for (n, t), g in zip(moved.items(), grads, strict=True)}
+    assert distillation_loss(tiny_model, stepped, batch, torch.Generator().manual_seed(6)) < loss
+    # Unlike the diffusion loss, which is not zero at the model's own weights.
+    assert diffusion_loss(tiny_model, params, batch, torch.Generator().manual_seed(6)).item() > 0
 
 
 def test_prior_preservation_adds_the_weighted_prior_loss(tiny_model):

@@ -217,3 +217,16 @@ def test_demo_dry_run_prints_its_plan_without_building_anything(tmp_path):
     assert "targets star, square" in result.output
     assert "immunize  mima" in result.output and "150 training steps" in result.output
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alone():
+    from diffimmune.methods.common import ImmunizeConfig
+    from diffimmune.pipeline import immunize_key
+
+    config = ImmunizeConfig(method="mima", concepts=["world:shape=star"], retain_weight=1.0)
+    assert "retain_loss" not in immunize_key(config)  # what runs before the field hashed
+    assert immunize_key(config) == {
+        k: v for k, v in config.model_dump(mode="json").items() if k != "retain_loss"
+    }
+    distilled = ImmunizeConfig(method="mima", concepts=["world:shape=star"], retain_loss="distill")
+    assert immunize_key(distilled)["retain_loss"] == "distill"

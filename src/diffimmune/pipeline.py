@@ -410,6 +410,17 @@ def evaluation_key(settings: EvaluateSpec) -> dict:
     return {k: v for k, v in values.items() if k not in GENERAL_FIELDS or v not in (None, False)}
 
 
+# ImmunizeConfig fields added after runs were cached, with the value those runs had: left out of the stage
+# hash at that value, so the cached immunizations stay cached.
+IMMUNIZE_FIELDS_ADDED = {"retain_loss": "diffusion"}
+
+
+def immunize_key(config) -> dict:
+    """The immunization settings a stage hash covers (see IMMUNIZE_FIELDS_ADDED)."""
+    values = config.model_dump(mode="json")
+    return {k: v for k, v in values.items() if IMMUNIZE_FIELDS_ADDED.get(k, object()) != v}
+
+
 def stage_hash(*parts) -> str:
     text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
@@ -451,7 +462,7 @@ def build_stages(plan: ExperimentPlan, run_dir: Path) -> list[Stage]:
         keys[ERASED], folders[ERASED] = key, folder
     for name, config in plan.defences.items():
         start = plan.defence_models[name]
-        key = stage_hash("immunize", keys[start], config.model_dump(mode="json"))
+        key = stage_hash("immunize", keys[start], immunize_key(config))
         folder = run_dir / "immunize" / f"{name}-{key}"
         stages.append(Stage("immunize", name, folder, key, training_steps=config.steps, model=start))
         keys[name], folders[name] = key, folder

@@ -134,3 +134,21 @@ def diffusion_loss(
     losses = per_sample_loss(model, params, joined, snr_gamma=snr_gamma)
     count = len(batch)
     return losses[:count].mean() + batch.prior_weight * losses[count:].mean()
+
+
+def distillation_loss(
+    model,
+    params: dict[str, Tensor] | None,
+    batch: Batch,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Mean squared distance between the denoiser's predictions under `params` and the model's own
+    (frozen) predictions on the same noisy samples of `batch` (no prior term). A retain loss that keeps
+    the model's function on the retain data, not only its fit to the images."""
+    noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
+    x_t = model.scheduler.add_noise(batch.x0, noise, timesteps)
+    with torch.no_grad():
+        target = model.denoise(None, x_t, timesteps, model.encode_prompts(batch.prompts))
+    prediction = model.denoise(params, x_t, timesteps, model.encode_prompts(batch.prompts, params))
+    precision = torch.promote_types(prediction.dtype, torch.float32)
+    return (prediction.to(precision) - target.to(precision)).pow(2).mean()

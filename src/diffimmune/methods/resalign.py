@@ -50,7 +50,13 @@ from torch import Tensor
 from diffimmune.adapters.base import AdapterConfig, FullAdapter, LoRAAdapter, attack_adapter
 from diffimmune.config import AttackConfig
 from diffimmune.core.hypergrad import HypergradResult, ImplicitConfig, hypergradient
-from diffimmune.core.objective import Batch, diffusion_loss, math_attention, sample_noise_and_timesteps
+from diffimmune.core.objective import (
+    Batch,
+    diffusion_loss,
+    distillation_loss,
+    math_attention,
+    sample_noise_and_timesteps,
+)
 from diffimmune.core.train import StepOutput, step_seed
 from diffimmune.errors import DiffImmuneError
 from diffimmune.methods.common import INNER_PREFIX, ConceptSamples, Context, ImmunizeConfig, Method
@@ -321,12 +327,7 @@ class ResAlign(Method):
         batch = self.fixed_draws(
             self.context.batch(self.context.retain, generator, with_prior=False), generator
         )
-        x_t = self.model.scheduler.add_noise(batch.x0, batch.noise, batch.timesteps)
-        condition = self.model.encode_prompts(batch.prompts)
-        with torch.no_grad():
-            target = self.model.denoise(None, x_t, batch.timesteps, condition)
-        prediction = self.model.denoise(params, x_t, batch.timesteps, condition)
-        return (prediction.float() - target.float()).pow(2).mean()
+        return distillation_loss(self.model, params, batch)
 
     # -- the simulated fine-tune
     def finetune_data(self, attack: AttackConfig) -> FinetuneData:
