@@ -27,15 +27,15 @@ def relearning_summary(tables: list[dict]) -> str:
     """Per re-learning run (configs/relearning-N.yaml, table.json by bench/relearning_table.py): target
     detection over the LoRA attack's saved steps, retention, FID and MSGR per model."""
     lines = [
-        "#### Re-learning after UCE ([docs/relearning](docs/relearning/README.md), `diffimmune run configs/relearning-N.yaml`)",
+        "#### Re-learning after UCE ([docs/relearning](docs/relearning/README.md), `diffimmune run configs/RUN.yaml`)",
         "",
-        "| targets | model | target detection at steps 0 / 50 / 100 / 200 / 400 | max | other shapes | FID other shapes | MSGR vs erased |",
-        "|---|---|---|---|---|---|---|",
+        "| run | targets | model | target detection at steps 0 / 50 / 100 / 200 / 400 | max | other shapes | FID other shapes | MSGR vs erased |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for table in tables:
-        count = len(table["targets"])
+        targets = ", ".join(table["targets"])
         for row in relearning_rows(table):
-            lines.append(f"| {count} {row}")
+            lines.append(f"| {table['run']} | {targets} {row}")
     return "\n".join(lines)
 
 
