@@ -85,7 +85,10 @@ def relearning_table(run: Path) -> dict:
                     pairs[concept] = (erased[last], mine[last])
             row["msgr"] = msgr(pairs) if pairs else None
         table[model] = row
-    return {"run": run.name, "targets": targets, "models": table}
+    # The experiment's name (its configs/NAME.yaml), whatever folder it was run into.
+    record = run / "experiment.json"
+    name = json.loads(record.read_text()).get("name", run.name) if record.is_file() else run.name
+    return {"run": name, "targets": targets, "models": table}
 
 
 def main() -> None:
