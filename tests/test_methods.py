@@ -131,6 +131,39 @@ def test_the_retain_loss_is_the_configured_one(world_model, tmp_path, retain_los
     assert (retained == 0.0) == (retain_loss == "distill")
 
 
+def test_a_folder_of_another_immunization_is_never_resumed_as_this_one(world_model, fast_world, tmp_path):
+    import json
+
+    from diffimmune.errors import DiffImmuneError
+
+    world = model_world(world_model)
+    model_dir = fast_world[1].model_dir
+    first = small_config("imma", steps=2)
+    immunize(load_model(model_dir), first, tmp_path / "run", progress=False, world=world)
+    # A record written before retain_loss existed reads as its old value and still resumes.
+    record_path = tmp_path / "run" / "immunize.json"
+    record = json.loads(record_path.read_text())
+    del record["config"]["retain_loss"]
+    record_path.write_text(json.dumps(record))
+    immunize(load_model(model_dir), first, tmp_path / "run", progress=False, world=world)
+    changed = small_config("imma", steps=2, learning_rate=1e-3, retain_loss="distill", retain_weight=1.0)
+    with pytest.raises(
+        DiffImmuneError, match=r"other settings \(learning_rate, retain_loss, retain_weight\)"
+    ):
+        immunize(load_model(model_dir), changed, tmp_path / "run", progress=False, world=world)
+    # Without resume the folder is replaced: trained anew under the new settings.
+    run = immunize(
+        load_model(model_dir), changed, tmp_path / "run", resume=False, progress=False, world=world
+    )
+    assert json.loads(record_path.read_text())["config"]["learning_rate"] == 1e-3
+    fresh = immunize(load_model(model_dir), changed, tmp_path / "fresh", progress=False, world=world)
+    replaced, expected = (
+        load_model(run.out_dir).named_parameters(),
+        load_model(fresh.out_dir).named_parameters(),
+    )
+    assert all(torch.equal(replaced[n], expected[n]) for n in fresh.changed)
+
+
 def test_a_killed_run_resumes_to_the_same_delta(world_model, fast_world, tmp_path):
     world = model_world(world_model)
     model_dir = fast_world[1].model_dir

@@ -82,3 +82,42 @@ def read_json(path: str | os.PathLike, fix: str):
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise DiffImmuneError(f"{path} is not valid JSON ({error.msg}); {fix}") from None
+
+
+def replace_other_run(
+    record_path: Path,
+    record: dict,
+    resume: bool,
+    *,
+    what: str,
+    resumable: set[str],
+    clear: list[Path],
+    added: dict | None = None,
+) -> None:
+    """A run folder whose record (`{"config": ..., "model": ...}` at `record_path`) holds other settings,
+    or another model, is never resumed: its checkpoints would pass for this run's. With `resume` that is
+    an error naming the changed fields; without, the folders and files in `clear` are removed. Fields in
+    `resumable` may differ; fields in `added` (added to the config later) read as their old value where an
+    older record lacks them."""
+    if not record_path.is_file():
+        return
+    previous = json.loads(record_path.read_text())
+    added = added or {}
+    old, new = previous.get("config", {}), record["config"]
+    changed = sorted(
+        k for k in set(old) | set(new) if old.get(k, added.get(k)) != new.get(k) and k not in resumable
+    )
+    if previous.get("model") != record["model"]:
+        changed.insert(0, "model")
+    if not changed:
+        return
+    if resume:
+        raise DiffImmuneError(
+            f"{record_path.parent} holds {what} with other settings ({', '.join(changed)}); give another "
+            "--out, or --no-resume to replace it"
+        )
+    for path in clear:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)

@@ -410,13 +410,11 @@ def evaluation_key(settings: EvaluateSpec) -> dict:
     return {k: v for k, v in values.items() if k not in GENERAL_FIELDS or v not in (None, False)}
 
 
-# ImmunizeConfig fields added after runs were cached, with the value those runs had: left out of the stage
-# hash at that value, so the cached immunizations stay cached.
-IMMUNIZE_FIELDS_ADDED = {"retain_loss": "diffusion"}
-
-
 def immunize_key(config) -> dict:
-    """The immunization settings a stage hash covers (see IMMUNIZE_FIELDS_ADDED)."""
+    """The immunization settings a stage hash covers: fields added later count only away from the value
+    earlier runs had (methods.common.IMMUNIZE_FIELDS_ADDED), so the cached immunizations stay cached."""
+    from diffimmune.methods.common import IMMUNIZE_FIELDS_ADDED
+
     values = config.model_dump(mode="json")
     return {k: v for k, v in values.items() if IMMUNIZE_FIELDS_ADDED.get(k, object()) != v}
 

@@ -13,7 +13,6 @@ Layout of an attack folder:
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from diffimmune.core.objective import Batch, diffusion_loss
 from diffimmune.core.train import train
 from diffimmune.data.sources import load_concept_data
 from diffimmune.errors import DiffImmuneError
-from diffimmune.files import ensure_writable_folder, write_json_atomic
+from diffimmune.files import ensure_writable_folder, replace_other_run, write_json_atomic
 from diffimmune.models.diffusion_model import write_delta
 
 STEPS_FOLDER = "steps"
@@ -141,30 +140,17 @@ def run_attack(
 
 
 def _replace_other_attack(out_dir: Path, record: dict, resume: bool) -> None:
-    """A folder that holds an attack with other settings (or on another model) is never resumed: its
-    checkpoints would pass for this attack's. With resume it is an error; without, it is cleared. Only
-    the length and the saved steps may differ: at a constant learning rate with per-step seeds, a longer
-    run's first steps are the shorter run's, so it continues from there."""
-    path = out_dir / "attack.json"
-    if not path.is_file():
-        return
-    previous = json.loads(path.read_text())
-    old, new = previous.get("config", {}), record["config"]
-    resumable = {"steps", "save_at"}
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in resumable)
-    if previous.get("model") != record["model"]:
-        changed.insert(0, "model")
-    if not changed:
-        return
-    if resume:
-        raise DiffImmuneError(
-            f"{out_dir} holds an attack with other settings ({', '.join(changed)}); give another --out, "
-            "or --no-resume to replace it"
-        )
-    for folder in (out_dir / STEPS_FOLDER, out_dir / "train"):
-        if folder.is_dir():
-            shutil.rmtree(folder)
-    (out_dir / "class_images.safetensors").unlink(missing_ok=True)
+    """Only the length and the saved steps of an attack may differ from the folder's: at a constant
+    learning rate with per-step seeds, a longer run's first steps are the shorter run's, so it continues
+    from there. Other settings are refused (resume) or cleared (no resume)."""
+    replace_other_run(
+        out_dir / "attack.json",
+        record,
+        resume,
+        what="an attack",
+        resumable={"steps", "save_at"},
+        clear=[out_dir / STEPS_FOLDER, out_dir / "train", out_dir / "class_images.safetensors"],
+    )
 
 
 def attack_checkpoints(out_dir: str | Path) -> dict[int, Path]:

@@ -28,7 +28,7 @@ from diffimmune.config import StrictModel, TrainConfig, load_config
 from diffimmune.core.objective import Batch
 from diffimmune.data.sources import load_concept_data, parse_filter
 from diffimmune.errors import DiffImmuneError
-from diffimmune.files import ensure_writable_folder, write_json_atomic
+from diffimmune.files import ensure_writable_folder, replace_other_run, write_json_atomic
 from diffimmune.models.diffusion_model import RUN_DELTA
 from diffimmune.models.params import select_parameters
 
@@ -64,6 +64,11 @@ INNER_LR: dict[str, float] = {
     "custom_diffusion": 0.3,
     "textual_inversion": 1.0,
 }
+
+
+# ImmunizeConfig fields added after runs were made, with the value those runs had (pipeline stage hashes
+# and resumed run folders read a missing field as this value).
+IMMUNIZE_FIELDS_ADDED = {"retain_loss": "diffusion"}
 
 
 class ImmunizeConfig(StrictModel):
@@ -399,9 +404,18 @@ def immunize(
     from diffimmune.core.train import train
 
     out_dir = ensure_writable_folder(out_dir, "immunization folder")
-    write_json_atomic(
-        out_dir / "immunize.json", {"config": config.model_dump(mode="json"), "model": model.source}
+    record = {"config": config.model_dump(mode="json"), "model": model.source}
+    # A longer or shorter run of the same settings resumes (constant learning rate, per-step seeds).
+    replace_other_run(
+        out_dir / "immunize.json",
+        record,
+        resume,
+        what="an immunization",
+        resumable={"steps", "checkpoint_every"},
+        clear=[out_dir / "train", out_dir / RUN_DELTA, out_dir / "class_images.safetensors"],
+        added=IMMUNIZE_FIELDS_ADDED,
     )
+    write_json_atomic(out_dir / "immunize.json", record)
     context = Context(model, config, out_dir, world)
     method = method_registry()[config.method](context)
     named = model.named_parameters()
