@@ -116,6 +116,18 @@ def test_the_preservation_step_is_written_into_the_released_weights(world_model,
     assert any(not torch.equal(params[n], start[n]) for n in params)
 
 
+def test_a_distilling_preservation_step_leaves_the_starting_weights_alone(world_model, tmp_path):
+    # Distillation of the starting model is exactly zero, with a zero gradient, at its own weights; the
+    # diffusion loss's preservation step moves them (the test above).
+    method = make_gift(world_model, gift_config(inner_learning_rate=1e-2, retain_loss="distill"), tmp_path)
+    params = released(method)
+    start = {n: v.clone() for n, v in params.items()}
+    output = method.step(params, 0, torch.Generator().manual_seed(5))
+    assert output.metrics["safe_loss"] == 0.0
+    assert all(torch.equal(params[n], start[n]) for n in params)
+    assert any(g.abs().sum() > 0 for g in output.grads.values())  # the upper level still acts
+
+
 def test_unrolled_gradient_matches_central_finite_differences(world_model, tmp_path):
     for module in (world_model.unet, world_model.text_encoder, world_model.vae):
         module.to(torch.float64)

@@ -109,8 +109,8 @@ class ImmunizeConfig(StrictModel):
     retain_weight: float = Field(default=0.0, ge=0, description="weight of the retain loss (0: off)")
     retain_loss: Literal["diffusion", "distill"] = Field(
         default="diffusion",
-        description="bi-level methods' retain loss: the diffusion loss on the retain data, or distillation "
-        "of the starting model's predictions on them (ResAlign always distils)",
+        description="bi-level methods' retain loss and GIFT's preservation step: the diffusion loss on the "
+        "retain data, or distillation of the starting model's predictions on them (ResAlign always distils)",
     )
     reg_prompts: int = Field(default=200, gt=0, description="regularisation prompts of the merge")
     merge_directions: int = Field(default=3, gt=0, description="constraint directions per concept")

@@ -33,7 +33,8 @@ What diffimmune does:
   term keeps working), and `beta: 0` turns representation noising off (maximisation + preservation);
 - the default selection is the cross-attention (`xattn`), as in the paper; `attn` and `unet` work too.
   `inner_method`, `inner_rank`, `inner_warm_start` and `retain_weight` do not apply (no adversary; the
-  lower level *is* the retain loss).
+  lower level *is* the retain loss); `retain_loss: distill` makes the preservation step distil the starting
+  model's predictions on the safe data instead of fitting their images (no prior term).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from torch import Tensor
 from diffimmune.core.hooks import capture_activations, match_module_names
 from diffimmune.core.hypergrad import gradient_step, hypergradient
 from diffimmune.core.mmd import mmd_rbf
-from diffimmune.core.objective import Batch, diffusion_loss, sample_noise_and_timesteps
+from diffimmune.core.objective import Batch, diffusion_loss, distillation_loss, sample_noise_and_timesteps
 from diffimmune.core.train import StepOutput
 from diffimmune.errors import DiffImmuneError
 from diffimmune.methods.common import Context, Method, theta_of
@@ -80,6 +81,8 @@ class GIFT(Method):
         return context.batch(context.prior, generator, with_prior=False)
 
     def safe_loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
+        if self.config.retain_loss == "distill":  # keep the starting model's predictions (no prior term)
+            return distillation_loss(self.model, params, batch)
         return diffusion_loss(self.model, params, batch)
 
     def representation_noise(self, activations: dict[str, Tensor], seed: int) -> Tensor:
