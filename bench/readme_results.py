@@ -99,6 +99,20 @@ def efficacy_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_tables(text: str) -> list[list[str]]:
+    """The tables of a markdown text, in order: each a list of its consecutive `|` lines."""
+    tables: list[list[str]] = []
+    previous = False
+    for line in text.splitlines():
+        row = line.startswith("|")
+        if row and not previous:
+            tables.append([])
+        if row:
+            tables[-1].append(line)
+        previous = row
+    return tables
+
+
 def main() -> None:
     rows = [("benchmark", "measured", "target", "source")]
     rows.append(
@@ -167,9 +181,10 @@ def main() -> None:
         table += "\n\n" + relearning_summary([json.loads(path.read_text()) for path in relearning])
     personalisation = ROOT / "docs" / "personalisation" / "README.md"
     if personalisation.is_file():
-        rows = [line for line in personalisation.read_text().splitlines() if line.startswith("|")]
-        title = "#### Personalisation, MIMA against heart and moon ([docs/personalisation](docs/personalisation/README.md))"
-        table += "\n\n" + title + "\n\n" + "\n".join(rows)
+        titles = ("MIMA against heart and moon", "IMMA on the whole denoiser (distill 20) against heart and moon")
+        for title, rows in zip(titles, markdown_tables(personalisation.read_text()), strict=False):
+            link = "([docs/personalisation](docs/personalisation/README.md))"
+            table += f"\n\n#### Personalisation, {title} {link}\n\n" + "\n".join(rows)
     readme = ROOT / "README.md"
     text = readme.read_text()
     text = re.sub(
