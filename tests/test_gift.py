@@ -242,3 +242,19 @@ def test_a_concept_past_max_loss_is_no_longer_ascended(world_model, tmp_path):
     output = method.step(released(method), 0, torch.Generator().manual_seed(2))
     assert output.metrics["target_loss"] > 1e-6
     assert all(torch.count_nonzero(grad) == 0 for grad in output.grads.values())
+
+
+def test_retain_weight_adds_the_safe_loss_to_the_upper_objective(world_model, tmp_path):
+    # beta 0 and every target past max_loss: the upper gradient is the retain term's alone, so it is zero
+    # without it (the test above) and scales exactly with its weight.
+    grads, metrics = {}, {}
+    for weight in (2.0, 4.0):
+        config = gift_config(beta=0.0, max_loss=1e-6, retain_weight=weight)
+        method = make_gift(world_model, config, tmp_path / str(weight))
+        output = method.step(released(method), 0, torch.Generator().manual_seed(2))
+        grads[weight], metrics[weight] = output.grads, output.metrics
+    assert metrics[2.0]["retain_loss"] > 0
+    assert metrics[2.0]["retain_loss"] == pytest.approx(metrics[4.0]["retain_loss"])
+    assert any(g.abs().sum() > 0 for g in grads[2.0].values())
+    for name, grad in grads[2.0].items():
+        torch.testing.assert_close(grads[4.0][name], 2 * grad, rtol=1e-4, atol=1e-8)

@@ -32,9 +32,14 @@ What diffimmune does:
 - `max_loss` stops ascending a concept's diffusion loss once it exceeds the bound (the representation
   term keeps working), and `beta: 0` turns representation noising off (maximisation + preservation);
 - the default selection is the cross-attention (`xattn`), as in the paper; `attn` and `unet` work too.
-  `inner_method`, `inner_rank`, `inner_warm_start` and `retain_weight` do not apply (no adversary; the
-  lower level *is* the retain loss); `retain_loss: distill` makes the preservation step distil the starting
-  model's predictions on the safe data instead of fitting their images (no prior term).
+  `inner_method`, `inner_rank` and `inner_warm_start` do not apply (no adversary; the lower level *is*
+  the retain loss); `retain_loss: distill` makes the preservation step distil the starting model's
+  predictions on the safe data instead of fitting their images (no prior term);
+- `retain_weight` (default 0, the paper) adds the same safe loss, on a fresh safe batch, to U at the
+  preserved weights: a diffimmune extension. The preservation step is a plain SGD step, while the upper
+  step goes through Adam, which moves every selected weight by about the learning rate however small its
+  gradient; with the whole denoiser selected that wipes out the safe concepts (measured on the world), and
+  a retain term inside the upper objective is what the bi-level methods use to hold them.
 """
 
 from __future__ import annotations
@@ -140,13 +145,21 @@ class GIFT(Method):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             target_batches.append((batch, seed))
 
+        weight = self.config.retain_weight
+        # Drawn only when used, so that a run without the term keeps its random stream.
+        retain_batch = _fixed_draws(self.model, self.safe_batch(generator), generator) if weight > 0 else None
         with torch.no_grad():
             safe_before = self.safe_loss(theta, safe_batches[0]).item()
         record: dict[str, float] = {}
         preserve = gradient_step(self.safe_loss, self.safe_lr)
 
         def upper(values, batches):
-            return self.upper_loss(values, batches, record)
+            total = self.upper_loss(values, batches, record)
+            if retain_batch is not None:
+                kept = self.safe_loss(values, retain_batch)
+                record["retain_loss"] = kept.item()
+                total = total + weight * kept
+            return total
 
         mode = self.config.hypergradient
         result = hypergradient(
