@@ -5,6 +5,8 @@ exported folder that diffusers reloads."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -210,6 +212,20 @@ def test_cli_immunize_writes_a_delta_and_an_export_that_diffusers_loads(fast_wor
     )
 
 
+def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
+    out = tmp_path / "run"
+    arguments = [
+        "immunize", "--model", str(fast_world[1].model_dir), "--method", "imma", "--concepts", "star",
+        "--steps", "1", "--hypergradient", "first_order", "--retain-weight", "5",
+        "--retain-loss", "distill", "--out", str(out),
+    ]  # fmt: skip
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "immunize.json").read_text())
+    config = record.get("config", record)
+    assert config["retain_weight"] == 5.0 and config["retain_loss"] == "distill"
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -217,6 +233,7 @@ def test_cli_immunize_writes_a_delta_and_an_export_that_diffusers_loads(fast_wor
         (["--method", "imma"], "--concepts is missing"),
         (["--method", "imma", "--concepts", "unicorn"], "world has no shape 'unicorn'"),
         (["--method", "imma", "--concepts", "star", "--hypergradient", "sideways"], "hypergradient"),
+        (["--method", "imma", "--concepts", "star", "--retain-loss", "sideways"], "retain_loss"),
     ],
 )
 def test_cli_immunize_bad_input_is_one_line(fast_world, tmp_path, arguments, message):

@@ -468,6 +468,15 @@ def immunize(
     relearn_weight: Annotated[
         float | None, typer.Option(help="ResAlign: weight of the harm after a simulated fine-tune (0: off)")
     ] = None,
+    retain_weight: Annotated[
+        float | None, typer.Option(help="weight of the retain loss on the other concepts (0: off)")
+    ] = None,
+    retain_loss: Annotated[
+        str | None,
+        typer.Option(
+            help="diffusion (fit the retain images) or distill (keep the starting model's predictions)"
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
     ] = True,
@@ -498,6 +507,8 @@ def immunize(
         "seed": seed,
         "beta": beta,
         "relearn_weight": relearn_weight,
+        "retain_weight": retain_weight,
+        "retain_loss": retain_loss,
     }
     if concepts is not None:
         flags["concepts"] = concept_specs(concepts, data, model_world(diffusion_model))
