@@ -181,7 +181,10 @@ def main() -> None:
         table += "\n\n" + relearning_summary([json.loads(path.read_text()) for path in relearning])
     personalisation = ROOT / "docs" / "personalisation" / "README.md"
     if personalisation.is_file():
-        titles = ("MIMA against heart and moon", "IMMA on the whole denoiser (distill 20) against heart and moon")
+        titles = (
+            "MIMA against heart and moon",
+            "IMMA on the whole denoiser (distill 20) against heart and moon",
+        )
         for title, rows in zip(titles, markdown_tables(personalisation.read_text()), strict=False):
             link = "([docs/personalisation](docs/personalisation/README.md))"
             table += f"\n\n#### Personalisation, {title} {link}\n\n" + "\n".join(rows)
