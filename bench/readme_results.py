@@ -176,6 +176,10 @@ def main() -> None:
     efficacy = RESULTS / "efficacy.json"
     if efficacy.is_file():
         table += "\n\n" + efficacy_summary(json.loads(efficacy.read_text()))
+    for path in sorted((ROOT / "docs" / "immunization-ii").glob("*/table.md")):
+        link = "[docs/immunization-ii](docs/immunization-ii/README.md)"
+        title = f"#### GIFT and ResAlign on the whole denoiser, one target: `configs/{path.parent.name}.yaml` ({link})"
+        table += f"\n\n{title}\n\n" + path.read_text().strip()
     relearning = sorted((ROOT / "docs" / "relearning").glob("relearning-*/table.json"))
     if relearning:
         table += "\n\n" + relearning_summary([json.loads(path.read_text()) for path in relearning])

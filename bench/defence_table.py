@@ -1,0 +1,91 @@
+"""One target's table of a pipeline run with a LoRA re-learning attack (per target, `lora-<target>`) and
+a benign fine-tune (`benign`), e.g. configs/immunization-ii-unet.yaml: per model, the target's detection
+at every saved step of each attack, the other shapes' detection and the FID of their generations (world
+encoder) before any attack, both also as the change against the erased model. Prints markdown; --out
+writes it to a file (the README's results read docs/immunization-ii/*/table.md).
+
+    python bench/defence_table.py runs/immunization-ii-unet --out docs/immunization-ii/immunization-ii-unet/table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from relearning_table import ERASED, model_name
+
+from diffimmune.eval.evaluate import SAFE_CONCEPT, read_metrics_csv
+
+
+def defence_rows(run: Path) -> list[str]:
+    experiment = json.loads((run / "experiment.json").read_text())
+    targets = [t.partition("=")[2] or t for t in experiment["targets"]]
+    if len(targets) != 1:
+        raise SystemExit(f"{run}: the table is for one target, the run has {len(targets)}")
+    target = f"shape={targets[0]}"
+    series: dict = defaultdict(dict)
+    for row in read_metrics_csv(run / "metrics.csv"):
+        series[(model_name(row["model"]), row["attack"], row["concept"], row["metric"])][row["step"]] = row[
+            "value"
+        ]
+    models = sorted({key[0] for key in series}, key=lambda m: (m != ERASED, m))
+
+    def curve(model: str, attack: str) -> str:
+        values = series.get((model, attack, target, "detection"), {})
+        if not values:
+            return "—"
+        text = " / ".join(f"{values[s]:.0%}".rstrip("%") for s in sorted(values)) + "%"
+        return f"{text} (max {max(values.values()):.0%})"
+
+    def before(model: str) -> tuple[float | None, float | None]:
+        others = [
+            c[0]
+            for (m, _a, concept, metric), c in series.items()
+            if m == model and metric == "detection" and concept.startswith("shape=") and concept != target
+            if 0 in c
+        ]
+        fid = [
+            c[0]
+            for (m, _a, concept, metric), c in series.items()
+            if m == model and concept == SAFE_CONCEPT and metric == "fid_world" and 0 in c
+        ]
+        return (sum(others) / len(others) if others else None, sum(fid) / len(fid) if fid else None)
+
+    base_others, base_fid = before(ERASED)
+    steps = sorted({s for (m, a, c, metric), v in series.items() if c == target for s in v})
+    rows = [
+        f"| model | LoRA re-learning, steps {' / '.join(map(str, steps))} | benign fine-tune | "
+        "other shapes | FID, other shapes |",
+        "|---|---|---|---|---|",
+    ]
+    for model in models:
+        others, fid = before(model)
+        other_text = f"{others:.0%}" if others is not None else "—"
+        fid_text = f"{fid:.1f}" if fid is not None else "—"
+        if model != ERASED and others is not None and base_others is not None:
+            other_text += f" ({(others - base_others) * 100:+.0f} pts)"
+        if model != ERASED and fid is not None and base_fid:
+            fid_text += f" ({fid / base_fid - 1:+.0%})"
+        rows.append(
+            f"| {model} | {curve(model, f'lora-{targets[0]}')} | {curve(model, 'benign')} | "
+            f"{other_text} | {fid_text} |"
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="markdown file to write")
+    args = parser.parse_args()
+    text = "\n".join(defence_rows(args.run))
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
