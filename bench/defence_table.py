@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
-from relearning_table import ERASED, model_name
+from relearning_table import ERASED, metric_series
 
-from diffimmune.eval.evaluate import SAFE_CONCEPT, read_metrics_csv
+from diffimmune.eval.evaluate import SAFE_CONCEPT
 
 
 def defence_rows(run: Path) -> list[str]:
@@ -25,11 +24,7 @@ def defence_rows(run: Path) -> list[str]:
     if len(targets) != 1:
         raise SystemExit(f"{run}: the table is for one target, the run has {len(targets)}")
     target = f"shape={targets[0]}"
-    series: dict = defaultdict(dict)
-    for row in read_metrics_csv(run / "metrics.csv"):
-        series[(model_name(row["model"]), row["attack"], row["concept"], row["metric"])][row["step"]] = row[
-            "value"
-        ]
+    series = metric_series(run)
     models = sorted({key[0] for key in series}, key=lambda m: (m != ERASED, m))
 
     def curve(model: str, attack: str) -> str:

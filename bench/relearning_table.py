@@ -33,13 +33,19 @@ def model_name(source: str) -> str:
     return Path(source).name
 
 
-def relearning_table(run: Path) -> dict:
-    experiment = json.loads((run / "experiment.json").read_text())
-    targets = [t.partition("=")[2] or t for t in experiment["targets"]]
+def metric_series(run: Path) -> dict:
+    """(model name, attack, concept, metric) -> {step: value}, from the run's metrics.csv."""
     series: dict = defaultdict(dict)
     for row in read_metrics_csv(run / "metrics.csv"):
         key = (model_name(row["model"]), row["attack"], row["concept"], row["metric"])
         series[key][row["step"]] = row["value"]
+    return series
+
+
+def relearning_table(run: Path) -> dict:
+    experiment = json.loads((run / "experiment.json").read_text())
+    targets = [t.partition("=")[2] or t for t in experiment["targets"]]
+    series = metric_series(run)
     models = sorted({k[0] for k in series}, key=lambda m: (m != ERASED, m))
     attacks = sorted({k[1] for k in series})
     table = {}
