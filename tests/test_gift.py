@@ -258,3 +258,15 @@ def test_retain_weight_adds_the_safe_loss_to_the_upper_objective(world_model, tm
     assert any(g.abs().sum() > 0 for g in grads[2.0].values())
     for name, grad in grads[2.0].items():
         torch.testing.assert_close(grads[4.0][name], 2 * grad, rtol=1e-4, atol=1e-8)
+
+
+def test_retain_unconditional_adds_the_empty_prompt_to_the_safe_batches(world_model, tmp_path):
+    plain = make_gift(world_model, gift_config(retain_loss="distill"), tmp_path / "plain")
+    method = make_gift(
+        world_model, gift_config(retain_loss="distill", retain_unconditional=True), tmp_path / "u"
+    )
+    batch = method.safe_batch(torch.Generator().manual_seed(0))
+    reference = plain.safe_batch(torch.Generator().manual_seed(0))
+    count = len(reference)
+    assert batch.prompts == [*reference.prompts, *([""] * count)]
+    assert torch.equal(batch.x0[:count], reference.x0) and torch.equal(batch.x0[count:], reference.x0)

@@ -133,6 +133,32 @@ def test_the_retain_loss_is_the_configured_one(world_model, tmp_path, retain_los
     assert (retained == 0.0) == (retain_loss == "distill")
 
 
+@pytest.mark.parametrize("method_name", ["imma", "resalign"])
+def test_retain_unconditional_also_distils_the_empty_prompt_predictions(world_model, tmp_path, method_name):
+    from diffimmune.core.objective import Batch, distillation_loss, sample_noise_and_timesteps
+
+    config = small_config(method_name, retain_weight=1.0, retain_loss="distill", retain_unconditional=True)
+    context = Context(world_model, config, tmp_path, model_world(world_model))
+    method = method_registry()[method_name](context)
+    named = world_model.named_parameters()
+    generator = torch.Generator().manual_seed(0)
+    theta = {
+        n: named[n].detach() + 0.02 * torch.randn(named[n].shape, generator=generator)
+        for n in method.theta_names
+    }
+    loss = method.retain_loss(theta, torch.Generator().manual_seed(7))
+    # The same draws by hand: the retain batch, then one noise and timestep per image for both prompts.
+    generator = torch.Generator().manual_seed(7)
+    batch = context.batch(context.retain, generator, with_prior=False)
+    noise, timesteps = sample_noise_and_timesteps(world_model, batch, generator)
+    parts = [
+        distillation_loss(world_model, theta, Batch(batch.x0, prompts, noise=noise, timesteps=timesteps))
+        for prompts in (batch.prompts, [""] * len(batch))
+    ]
+    assert torch.allclose(loss, (parts[0] + parts[1]) / 2, rtol=1e-5)
+    assert parts[1] > 0 and not torch.allclose(parts[0], parts[1], rtol=1e-2)
+
+
 def test_a_folder_of_another_immunization_is_never_resumed_as_this_one(world_model, fast_world, tmp_path):
     import json
 
@@ -145,7 +171,7 @@ def test_a_folder_of_another_immunization_is_never_resumed_as_this_one(world_mod
     # A record written before retain_loss existed reads as its old value and still resumes.
     record_path = tmp_path / "run" / "immunize.json"
     record = json.loads(record_path.read_text())
-    del record["config"]["retain_loss"]
+    del record["config"]["retain_loss"], record["config"]["retain_unconditional"]
     record_path.write_text(json.dumps(record))
     immunize(load_model(model_dir), first, tmp_path / "run", progress=False, world=world)
     changed = small_config("imma", steps=2, learning_rate=1e-3, retain_loss="distill", retain_weight=1.0)
@@ -217,13 +243,13 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
     arguments = [
         "immunize", "--model", str(fast_world[1].model_dir), "--method", "imma", "--concepts", "star",
         "--steps", "1", "--hypergradient", "first_order", "--retain-weight", "5",
-        "--retain-loss", "distill", "--out", str(out),
+        "--retain-loss", "distill", "--retain-unconditional", "--out", str(out),
     ]  # fmt: skip
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "immunize.json").read_text())
     config = record.get("config", record)
-    assert config["retain_weight"] == 5.0 and config["retain_loss"] == "distill"
+    assert config["retain_weight"] == 5.0 and config["retain_loss"] == "distill" and config["retain_unconditional"]
 
 
 @pytest.mark.parametrize(

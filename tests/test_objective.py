@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from diffimmune.core.objective import Batch, diffusion_loss, distillation_loss, math_attention
+from diffimmune.core.objective import (
+    Batch,
+    diffusion_loss,
+    distillation_loss,
+    math_attention,
+    with_null_prompts,
+)
 from diffimmune.models.params import select_parameters
 from diffimmune.models.tiny import build_tiny_pipeline
 
@@ -137,3 +143,24 @@ def test_hessian_vector_product_through_the_unet_matches_finite_differences(tiny
     flat_finite = torch.cat([f.flatten() for f in finite])
     assert flat_hvp.norm() > 0
     assert (flat_hvp - flat_finite).norm() / flat_finite.norm() < 1e-6
+
+
+def test_null_prompt_batch_pairs_each_sample_with_the_empty_prompt(tiny_model):
+    batch = make_batch(tiny_model, count=2)
+    batch.prior = make_batch(tiny_model, count=2, seed=1)
+    doubled = with_null_prompts(tiny_model, batch, torch.Generator().manual_seed(3))
+    assert doubled.prompts == [*batch.prompts, "", ""]
+    assert doubled.prior is batch.prior
+    assert torch.equal(doubled.noise[:2], doubled.noise[2:])
+    assert torch.equal(doubled.timesteps[:2], doubled.timesteps[2:])
+    # Its loss is the mean of the conditional and the unconditional losses on the same noisy samples.
+    parts = [
+        Batch(x0=batch.x0, prompts=prompts, noise=doubled.noise[:2], timesteps=doubled.timesteps[:2])
+        for prompts in (batch.prompts, ["", ""])
+    ]
+    params = {n: t.detach() + 0.01 for n, t in select_parameters(tiny_model, "attn").items()}
+    doubled.prior = None
+    both = distillation_loss(tiny_model, params, doubled)
+    conditional, unconditional = (distillation_loss(tiny_model, params, part) for part in parts)
+    assert torch.allclose(both, (conditional + unconditional) / 2, rtol=1e-5)
+    assert not torch.allclose(conditional, unconditional, rtol=1e-3)

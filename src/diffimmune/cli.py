@@ -477,6 +477,13 @@ def immunize(
             help="diffusion (fit the retain images) or distill (keep the starting model's predictions)"
         ),
     ] = None,
+    retain_unconditional: Annotated[
+        bool | None,
+        typer.Option(
+            "--retain-unconditional/--no-retain-unconditional",
+            help="the retain loss also keeps the empty-prompt predictions that guidance amplifies",
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
     ] = True,
@@ -509,6 +516,7 @@ def immunize(
         "relearn_weight": relearn_weight,
         "retain_weight": retain_weight,
         "retain_loss": retain_loss,
+        "retain_unconditional": retain_unconditional,
     }
     if concepts is not None:
         flags["concepts"] = concept_specs(concepts, data, model_world(diffusion_model))

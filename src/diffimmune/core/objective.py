@@ -62,6 +62,25 @@ def sample_noise_and_timesteps(model, batch: Batch, generator: torch.Generator |
     return noise, timesteps.to(x0.device)
 
 
+def with_null_prompts(model, batch: Batch, generator: torch.Generator | None, null_prompt: str = "") -> Batch:
+    """`batch` twice: as it is, and with every prompt replaced by `null_prompt`, on the same noisy
+    samples (noise and timesteps drawn once, unless the batch fixes them; the prior batch is kept).
+
+    A retain loss on it keeps the unconditional predictions too, which classifier-free guidance
+    amplifies at sampling (prediction = uncond + s (cond - uncond)): a defence that trains the whole
+    denoiser and keeps only the conditional predictions lets the unconditional ones drift."""
+    noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
+    return Batch(
+        x0=torch.cat([batch.x0, batch.x0]),
+        prompts=[*batch.prompts, *([null_prompt] * len(batch))],
+        prior=batch.prior,
+        prior_weight=batch.prior_weight,
+        noise=torch.cat([noise, noise]),
+        timesteps=torch.cat([timesteps, timesteps]),
+        meta=dict(batch.meta),
+    )
+
+
 def diffusion_target(model, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
     kind = model.prediction_type
     if kind == "epsilon":

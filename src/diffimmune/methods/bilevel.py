@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from diffimmune.core.hypergrad import adapt, hypergradient
-from diffimmune.core.objective import Batch, diffusion_loss, distillation_loss
+from diffimmune.core.objective import Batch, diffusion_loss, distillation_loss, with_null_prompts
 from diffimmune.core.train import StepOutput
 from diffimmune.methods.common import Context, Method, inner_of, store_inner, theta_of
 
@@ -206,6 +206,8 @@ class BilevelMethod(Method):
 
     def retain_loss(self, theta: dict[str, Tensor], generator) -> Tensor:
         batch = self.context.batch(self.context.retain, generator, with_prior=False)
+        if self.config.retain_unconditional:
+            batch = with_null_prompts(self.model, batch, generator)
         if self.config.retain_loss == "distill":  # keep the starting model's predictions, not just the fit
             return distillation_loss(self.model, theta, batch, generator)
         return diffusion_loss(self.model, theta, batch, generator)

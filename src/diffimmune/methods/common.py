@@ -68,7 +68,7 @@ INNER_LR: dict[str, float] = {
 
 # ImmunizeConfig fields added after runs were made, with the value those runs had (pipeline stage hashes
 # and resumed run folders read a missing field as this value).
-IMMUNIZE_FIELDS_ADDED = {"retain_loss": "diffusion"}
+IMMUNIZE_FIELDS_ADDED = {"retain_loss": "diffusion", "retain_unconditional": False}
 
 
 class ImmunizeConfig(StrictModel):
@@ -111,6 +111,11 @@ class ImmunizeConfig(StrictModel):
         default="diffusion",
         description="bi-level methods' retain loss and GIFT's preservation step: the diffusion loss on the "
         "retain data, or distillation of the starting model's predictions on them (ResAlign always distils)",
+    )
+    retain_unconditional: bool = Field(
+        default=False,
+        description="the retain loss also keeps the retain images' unconditional (empty-prompt) "
+        "predictions, which classifier-free guidance amplifies at sampling",
     )
     reg_prompts: int = Field(default=200, gt=0, description="regularisation prompts of the merge")
     merge_directions: int = Field(default=3, gt=0, description="constraint directions per concept")

@@ -50,7 +50,13 @@ from torch import Tensor
 from diffimmune.core.hooks import capture_activations, match_module_names
 from diffimmune.core.hypergrad import gradient_step, hypergradient
 from diffimmune.core.mmd import mmd_rbf
-from diffimmune.core.objective import Batch, diffusion_loss, distillation_loss, sample_noise_and_timesteps
+from diffimmune.core.objective import (
+    Batch,
+    diffusion_loss,
+    distillation_loss,
+    sample_noise_and_timesteps,
+    with_null_prompts,
+)
 from diffimmune.core.train import StepOutput
 from diffimmune.errors import DiffImmuneError
 from diffimmune.methods.common import Context, Method, theta_of
@@ -79,11 +85,16 @@ class GIFT(Method):
 
     # -- the two levels
     def safe_batch(self, generator: torch.Generator) -> Batch:
-        """A lower-level batch: retain data (prior images attached if enabled), else prior images only."""
+        """A lower-level batch: retain data (prior images attached if enabled), else prior images only;
+        with `retain_unconditional`, each image also under the empty prompt."""
         context = self.context
         if context.retain is not None:
-            return context.batch(context.retain, generator, with_prior=True)
-        return context.batch(context.prior, generator, with_prior=False)
+            batch = context.batch(context.retain, generator, with_prior=True)
+        else:
+            batch = context.batch(context.prior, generator, with_prior=False)
+        if self.config.retain_unconditional:
+            batch = with_null_prompts(self.model, batch, generator)
+        return batch
 
     def safe_loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
         if self.config.retain_loss == "distill":  # keep the starting model's predictions (no prior term)

@@ -56,6 +56,7 @@ from diffimmune.core.objective import (
     distillation_loss,
     math_attention,
     sample_noise_and_timesteps,
+    with_null_prompts,
 )
 from diffimmune.core.train import StepOutput, step_seed
 from diffimmune.errors import DiffImmuneError
@@ -327,6 +328,8 @@ class ResAlign(Method):
         batch = self.fixed_draws(
             self.context.batch(self.context.retain, generator, with_prior=False), generator
         )
+        if self.config.retain_unconditional:
+            batch = with_null_prompts(self.model, batch, generator)
         return distillation_loss(self.model, params, batch)
 
     # -- the simulated fine-tune
