@@ -249,7 +249,11 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((out / "immunize.json").read_text())
     config = record.get("config", record)
-    assert config["retain_weight"] == 5.0 and config["retain_loss"] == "distill" and config["retain_unconditional"]
+    assert (
+        config["retain_weight"] == 5.0
+        and config["retain_loss"] == "distill"
+        and config["retain_unconditional"]
+    )
 
 
 @pytest.mark.parametrize(
