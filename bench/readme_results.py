@@ -188,6 +188,7 @@ def main() -> None:
         titles = (
             "MIMA against heart and moon",
             "IMMA on the whole denoiser (distill 20) against heart and moon",
+            "IMMA on the whole denoiser (distill 5, unconditional kept) against heart and moon",
         )
         for title, rows in zip(titles, markdown_tables(personalisation.read_text()), strict=False):
             link = "([docs/personalisation](docs/personalisation/README.md))"
