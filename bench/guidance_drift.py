@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from relearning_table import model_name
 
-from diffimmune.core.objective import sample_noise_and_timesteps
+from diffimmune.core.objective import Batch, sample_noise_and_timesteps
 from diffimmune.data.sources import load_concept_data, model_world
 from diffimmune.eval.evaluate import EvalSettings
 from diffimmune.models.diffusion_model import load_model
@@ -58,8 +58,6 @@ def main() -> None:
     data = load_concept_data(f"world:shape={','.join(others)}", args.images, seed=args.seed, world=world)
     x0 = reference.encode_images(data.images)
     generator = torch.Generator().manual_seed(args.seed)
-    from diffimmune.core.objective import Batch
-
     noise, timesteps = sample_noise_and_timesteps(reference, Batch(x0, data.captions), generator)
     x_t = reference.scheduler.add_noise(x0, noise, timesteps)
     scale = EvalSettings().guidance_scale
