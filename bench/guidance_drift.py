@@ -26,9 +26,12 @@ from diffimmune.eval.evaluate import EvalSettings
 from diffimmune.models.diffusion_model import load_model
 
 
-def predictions(model, x_t, timesteps, prompts):
+def predictions(model, x_t, timesteps, prompts, scale):
+    """The conditional, unconditional (empty-prompt) and guided noise predictions."""
     with torch.no_grad():
-        return model.denoise(None, x_t, timesteps, model.encode_prompts(prompts))
+        cond = model.denoise(None, x_t, timesteps, model.encode_prompts(prompts))
+        uncond = model.denoise(None, x_t, timesteps, model.encode_prompts([""] * len(prompts)))
+    return cond, uncond, uncond + scale * (cond - uncond)
 
 
 def main() -> None:
@@ -61,23 +64,14 @@ def main() -> None:
     noise, timesteps = sample_noise_and_timesteps(reference, Batch(x0, data.captions), generator)
     x_t = reference.scheduler.add_noise(x0, noise, timesteps)
     scale = EvalSettings().guidance_scale
-    empty = [""] * len(x0)
-    ref_cond = predictions(reference, x_t, timesteps, data.captions)
-    ref_uncond = predictions(reference, x_t, timesteps, empty)
-    ref_guided = ref_uncond + scale * (ref_cond - ref_uncond)
+    expected = predictions(reference, x_t, timesteps, data.captions, scale)
 
     print(f"other shapes ({', '.join(others)}), {len(x0)} noisy images; guidance scale {scale}")
     print("| model | cond | uncond | guided |")
     print("|---|---|---|---|")
     for delta in defences:
-        model = load_model(delta)
-        cond = predictions(model, x_t, timesteps, data.captions)
-        uncond = predictions(model, x_t, timesteps, empty)
-        guided = uncond + scale * (cond - uncond)
-        distances = [
-            (a - b).pow(2).mean().item()
-            for a, b in ((cond, ref_cond), (uncond, ref_uncond), (guided, ref_guided))
-        ]
+        found = predictions(load_model(delta), x_t, timesteps, data.captions, scale)
+        distances = [(a - b).pow(2).mean().item() for a, b in zip(found, expected, strict=True)]
         print(f"| {model_name(str(delta))} | " + " | ".join(f"{d:.4f}" for d in distances) + " |")
 
 
