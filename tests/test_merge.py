@@ -98,6 +98,23 @@ def test_merge_models_averages_every_non_kv_tensor_exactly():
         assert torch.equal(merged[name], sum(params[name] for params in adapted) / 3)
 
 
+def test_merge_models_sum_adds_every_adapters_change_at_full_strength():
+    base, adapted, concepts, reg, kv = _models()
+    summed = merge_models(base, adapted, concepts, reg, kv, others="sum")
+    averaged = merge_models(base, adapted, concepts, reg, kv)
+    for name in ("attn2.to_out.weight", "norm.bias"):
+        changes = sum(params[name] - base[name] for params in adapted)
+        assert torch.allclose(summed[name], base[name] + changes, atol=1e-12)
+        assert not torch.allclose(summed[name], averaged[name])
+    for name in kv:  # the closed form is the same either way
+        assert torch.equal(summed[name], averaged[name])
+    # One adapted model: the sum and the average are that model.
+    single = merge_models(base, adapted[:1], concepts[:1], reg, kv, others="sum")
+    assert torch.allclose(single["norm.bias"], adapted[0]["norm.bias"], atol=1e-12)
+    with pytest.raises(DiffImmuneError, match="needs the base value of 'attn2.to_out.weight'"):
+        merge_models({n: base[n] for n in kv}, adapted, concepts, reg, kv, others="sum")
+
+
 def test_merge_models_keeps_every_concepts_kv_outputs():
     base, adapted, concepts, reg, kv = _models()
     merged = merge_models(base, adapted, concepts, reg, kv)

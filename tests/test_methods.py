@@ -77,6 +77,7 @@ def outer_value(method, params, seed):
         ("imma", {"inner_steps": 2}),
         ("mima", {"inner_learning_rate": 1e-2}),
         ("mima", {"inner_method": "lora", "inner_learning_rate": 1e-2}),  # a LoRA adversary per concept
+        ("mima", {"inner_method": "lora", "inner_learning_rate": 1e-2, "merge_others": "sum"}),
     ],
 )
 def test_unrolled_hypergradient_matches_central_finite_differences(

@@ -108,13 +108,16 @@ def merge_models(
     kv_names: set[str],
     ridge: float = DEFAULT_RIDGE,
     operator: Tensor | None = None,
+    others: str = "mean",
 ) -> dict[str, Tensor]:
     """MIMA's Merge: combine N adapted parameter dicts (one per target concept) into one.
 
     For every name in ``kv_names`` (cross-attention to_k / to_v weights, [out, in]) the result is
     ``merge_projection(base[name], C, V, reg_embeddings)`` with all concepts' constraints stacked:
     C = cat(C_i), V = cat(C_i @ adapted_i[name]^T), so each adapted model's K/V outputs on its own
-    concept's tokens are kept exactly. Every other name is the plain average over the adapted models.
+    concept's tokens are kept exactly. Every other name is the plain average over the adapted models
+    (``others="mean"``, the paper's Merge) or the base plus every adapted model's change from it
+    (``others="sum"``, task arithmetic: each adapter's change enters at full strength, not 1/N of it).
 
     Args:
         base: the base parameters; must contain every name in ``kv_names``.
@@ -125,6 +128,7 @@ def merge_models(
         ridge: passed to `merge_projection`.
         operator: `projection_operator(cat(concept_embeddings), reg_embeddings, ridge)`, computed once by
             a caller whose embeddings do not change (it is the same for every K/V weight).
+        others: "mean" or "sum" (see above); "sum" needs every name in ``base``.
 
     Returns a dict with the adapted dicts' names, differentiable w.r.t. ``adapted``, ``base`` and the
     embeddings.
@@ -143,6 +147,8 @@ def merge_models(
             raise DiffImmuneError(
                 f"adapted dict {index} has different parameter names from adapted dict 0 (e.g. {different})"
             )
+    if others not in ("mean", "sum"):
+        raise DiffImmuneError(f"merge_models others must be 'mean' or 'sum', got '{others}'")
     missing = sorted(name for name in kv_names if name not in adapted[0] or name not in base)
     if missing:
         raise DiffImmuneError(
@@ -164,6 +170,11 @@ def merge_models(
                     stacked_concepts.to(base[name]), reg_embeddings.to(base[name]), ridge
                 )
             merged[name] = apply_projection(base[name], stacked_concepts, outputs, operator)
+        elif others == "sum":
+            if name not in base:
+                raise DiffImmuneError(f"merge_models others='sum' needs the base value of '{name}'")
+            changes = torch.stack([params[name] - base[name] for params in adapted])
+            merged[name] = base[name] + changes.sum(dim=0)
         else:
             merged[name] = torch.stack([params[name] for params in adapted]).mean(dim=0)
     return merged

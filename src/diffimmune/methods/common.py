@@ -68,7 +68,7 @@ INNER_LR: dict[str, float] = {
 
 # ImmunizeConfig fields added after runs were made, with the value those runs had (pipeline stage hashes
 # and resumed run folders read a missing field as this value).
-IMMUNIZE_FIELDS_ADDED = {"retain_loss": "diffusion", "retain_unconditional": False}
+IMMUNIZE_FIELDS_ADDED = {"retain_loss": "diffusion", "retain_unconditional": False, "merge_others": "mean"}
 
 
 class ImmunizeConfig(StrictModel):
@@ -119,6 +119,11 @@ class ImmunizeConfig(StrictModel):
     )
     reg_prompts: int = Field(default=200, gt=0, description="regularisation prompts of the merge")
     merge_directions: int = Field(default=3, gt=0, description="constraint directions per concept")
+    merge_others: Literal["mean", "sum"] = Field(
+        default="mean",
+        description="MIMA's merge outside cross-attention K/V: the average of the adapted models (the "
+        "paper) or the released weights plus every adversary's change (each at full strength)",
+    )
     max_loss: float | None = Field(
         default=None, gt=0, description="stop ascending a concept's loss once it exceeds this"
     )

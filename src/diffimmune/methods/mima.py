@@ -3,7 +3,8 @@ two baselines.
 
 - **mima**: one DreamBooth adversary per target concept (with prior preservation), one lower-level step
   each; the N adapted models are merged (`core.merge.merge_models`: Custom Diffusion's closed form on
-  every cross-attention K/V, the average elsewhere); the released cross-attention weights maximise the
+  every cross-attention K/V, the average elsewhere, or with `merge_others: sum` the base plus every
+  adversary's change); the released cross-attention weights maximise the
   summed target loss *of the merged model*, differentiated through the merge.
 - **joint**: IMMA with a DreamBooth adversary on all concepts' data pooled.
 - **compose**: only cross-attention K/V are adapted (one adversary per concept) and merged; everything
@@ -115,13 +116,15 @@ class MIMA(BilevelMethod):
         released = {**self.frozen, **theta}
         names = list(adapted[0])
         kv = [n for n in self.kv_names if n in set(names)]
+        base_names = names if self.config.merge_others == "sum" else kv
         merged = merge_models(
-            {n: released[n] for n in kv},
+            {n: released[n] for n in base_names},
             adapted,
             self.concept_rows,
             self.reg_rows,
             set(kv),
             operator=self.merge_operator,
+            others=self.config.merge_others,
         )
         return merged
 
