@@ -11,7 +11,8 @@ column against the labels of the prompts' records, and the Frechet distance of t
 real images in the world encoder's space split into its mean term (||mu_real - mu_fake||^2: the
 distribution moved as a whole) and its covariance term (it narrowed, widened or turned), with the
 generations' feature spread over the real images'. The sum is the evaluation's FID up to torchmetrics'
-numerics.
+numerics. A second table gives each shape's mean shift (its own generations against its own real
+images): which of the kept concepts the defence moved.
 
     python bench/attribute_drift.py runs/immunization-ii-unet [--models gift_unet_b1_r20_m1_u,...]
 """
@@ -74,8 +75,9 @@ def main() -> None:
 
     print(f"other shapes ({', '.join(others)}), {len(real)} generations per model, cached samples")
     header = " | ".join(columns)
-    print(f"| model | {header} | FID | mean term | covariance term | feature spread (fake / real) |")
-    print("|---|" + "---|" * (len(columns) + 4))
+    table = [f"| model | {header} | FID | mean term | covariance term | feature spread (fake / real) |"]
+    table.append("|---|" + "---|" * (len(columns) + 4))
+    shifts = ["| model | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
     for source in sources:
         model = load_model(source)
         shared = args.run / "shared-samples" / weights_fingerprint(model)
@@ -98,9 +100,19 @@ def main() -> None:
         spread = fake_features.std(0).mean() / real_features.std(0).mean()
         name = "erased" if "/erase/" in str(source) else model_name(str(source))
         cells = " | ".join(f"{a:.0%}" for a in accuracy)
-        print(
+        table.append(
             f"| {name} | {cells} | {mean_term + cov_term:.1f} | {mean_term:.1f} | {cov_term:.1f} | {spread:.2f} |"
         )
+        # Per shape: how far the mean feature of its generations sits from its real images' mean.
+        edges = np.cumsum([0] + [len(p) for p, _ in plans])
+        per_shape = [
+            np.square(fake_features[a:b].mean(0) - real_features[a:b].mean(0)).sum()
+            for a, b in zip(edges[:-1], edges[1:], strict=True)
+        ]
+        shifts.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in per_shape) + " |")
+    print("\n".join(table))
+    print("\nmean shift per shape, ||mean(real) - mean(generated)||^2 in the world encoder's space:")
+    print("\n".join(shifts))
 
 
 if __name__ == "__main__":
