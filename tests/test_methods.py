@@ -13,7 +13,13 @@ from typer.testing import CliRunner
 
 from diffimmune.cli import app
 from diffimmune.data.sources import model_world
-from diffimmune.methods.common import Context, ImmunizeConfig, immunize, method_registry
+from diffimmune.methods.common import (
+    IMMUNIZE_FIELDS_ADDED,
+    Context,
+    ImmunizeConfig,
+    immunize,
+    method_registry,
+)
 from diffimmune.models.diffusion_model import load_model
 from diffimmune.models.params import select_parameters
 
@@ -170,10 +176,11 @@ def test_a_folder_of_another_immunization_is_never_resumed_as_this_one(world_mod
     model_dir = fast_world[1].model_dir
     first = small_config("imma", steps=2)
     immunize(load_model(model_dir), first, tmp_path / "run", progress=False, world=world)
-    # A record written before retain_loss existed reads as its old value and still resumes.
+    # A record written before the later fields existed reads them at their old values and still resumes.
     record_path = tmp_path / "run" / "immunize.json"
     record = json.loads(record_path.read_text())
-    del record["config"]["retain_loss"], record["config"]["retain_unconditional"]
+    for added in IMMUNIZE_FIELDS_ADDED:
+        del record["config"][added]
     record_path.write_text(json.dumps(record))
     immunize(load_model(model_dir), first, tmp_path / "run", progress=False, world=world)
     changed = small_config("imma", steps=2, learning_rate=1e-3, retain_loss="distill", retain_weight=1.0)
@@ -245,7 +252,8 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
     arguments = [
         "immunize", "--model", str(fast_world[1].model_dir), "--method", "imma", "--concepts", "star",
         "--steps", "1", "--hypergradient", "first_order", "--retain-weight", "5",
-        "--retain-loss", "distill", "--retain-unconditional", "--out", str(out),
+        "--retain-loss", "distill", "--retain-unconditional", "--retain-sampling", "hard",
+        "--out", str(out),
     ]  # fmt: skip
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
@@ -255,6 +263,7 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
         config["retain_weight"] == 5.0
         and config["retain_loss"] == "distill"
         and config["retain_unconditional"]
+        and config["retain_sampling"] == "hard"
     )
 
 
@@ -266,6 +275,7 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
         (["--method", "imma", "--concepts", "unicorn"], "world has no shape 'unicorn'"),
         (["--method", "imma", "--concepts", "star", "--hypergradient", "sideways"], "hypergradient"),
         (["--method", "imma", "--concepts", "star", "--retain-loss", "sideways"], "retain_loss"),
+        (["--method", "imma", "--concepts", "star", "--retain-sampling", "sideways"], "retain_sampling"),
     ],
 )
 def test_cli_immunize_bad_input_is_one_line(fast_world, tmp_path, arguments, message):

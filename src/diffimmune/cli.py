@@ -484,6 +484,10 @@ def immunize(
             help="the retain loss also keeps the empty-prompt predictions that guidance amplifies",
         ),
     ] = None,
+    retain_sampling: Annotated[
+        str | None,
+        typer.Option(help="uniform, or hard: draw more of the retain images the defence has drifted on most"),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
     ] = True,
@@ -517,6 +521,7 @@ def immunize(
         "retain_weight": retain_weight,
         "retain_loss": retain_loss,
         "retain_unconditional": retain_unconditional,
+        "retain_sampling": retain_sampling,
     }
     if concepts is not None:
         flags["concepts"] = concept_specs(concepts, data, model_world(diffusion_model))

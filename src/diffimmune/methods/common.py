@@ -25,7 +25,7 @@ from torch import Tensor
 
 from diffimmune.adapters.base import AdapterConfig, make_adapter
 from diffimmune.config import StrictModel, TrainConfig, load_config
-from diffimmune.core.objective import Batch
+from diffimmune.core.objective import Batch, sample_noise_and_timesteps
 from diffimmune.data.sources import load_concept_data, parse_filter
 from diffimmune.errors import DiffImmuneError
 from diffimmune.files import ensure_writable_folder, replace_other_run, write_json_atomic
@@ -68,7 +68,13 @@ INNER_LR: dict[str, float] = {
 
 # ImmunizeConfig fields added after runs were made, with the value those runs had (pipeline stage hashes
 # and resumed run folders read a missing field as this value).
-IMMUNIZE_FIELDS_ADDED = {"retain_loss": "diffusion", "retain_unconditional": False, "merge_others": "mean"}
+IMMUNIZE_FIELDS_ADDED = {
+    "retain_loss": "diffusion",
+    "retain_unconditional": False,
+    "merge_others": "mean",
+    "retain_sampling": "uniform",
+    "retain_refresh": 50,
+}
 
 
 class ImmunizeConfig(StrictModel):
@@ -116,6 +122,14 @@ class ImmunizeConfig(StrictModel):
         default=False,
         description="the retain loss also keeps the retain images' unconditional (empty-prompt) "
         "predictions, which classifier-free guidance amplifies at sampling",
+    )
+    retain_sampling: Literal["uniform", "hard"] = Field(
+        default="uniform",
+        description="how retain batches are drawn: uniformly, or hard: half uniformly and half in "
+        "proportion to how far each retain image's predictions have drifted from the starting model's",
+    )
+    retain_refresh: int = Field(
+        default=50, gt=0, description="hard retain sampling: steps between re-measurements of the drift"
     )
     reg_prompts: int = Field(default=200, gt=0, description="regularisation prompts of the merge")
     merge_directions: int = Field(default=3, gt=0, description="constraint directions per concept")
@@ -234,6 +248,11 @@ class ImmunizeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.retain_sampling == "hard" and self.checkpoint_every % self.retain_refresh:
+            raise ValueError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of retain_refresh "
+                f"({self.retain_refresh}) so that a resumed run re-measures the drift where the first did"
+            )
         if self.tokens is not None and len(self.tokens) != len(self.concepts):
             raise ValueError(f"tokens has {len(self.tokens)} entries for {len(self.concepts)} concepts")
         if self.tokens is not None and (self.prompt is None or "{token}" not in self.prompt):
@@ -262,9 +281,13 @@ class ConceptSamples:
     word: str  # the word (or placeholder token) that names it in its prompts
     x0: Tensor
     prompts: list[str]
+    weights: Tensor | None = None  # sampling probabilities of the images (None: uniform)
 
     def batch(self, size: int, generator: torch.Generator, prior: ConceptSamples | None, weight: float):
-        index = torch.randint(0, len(self.x0), (size,), generator=generator)
+        if self.weights is None:
+            index = torch.randint(0, len(self.x0), (size,), generator=generator)
+        else:
+            index = torch.multinomial(self.weights, size, replacement=True, generator=generator)
         batch = Batch(self.x0[index], [self.prompts[i] for i in index.tolist()])
         if prior is not None:
             prior_index = torch.randint(0, len(prior.x0), (size,), generator=generator)
@@ -311,6 +334,7 @@ class Context:
             self.concepts.append(ConceptSamples(spec, word, x0, data.prompts(config.prompt, token)))
         self.retain_spec = config.retain or default_retain(config.concepts)
         self.retain: ConceptSamples | None = None
+        self._retain_probe: tuple | None = None
         if self.retain_spec is not None:
             count = max(config.reg_prompts, config.num_images)
             data = load_concept_data(self.retain_spec, count, config.seed + 1000, world, model.image_size)
@@ -327,6 +351,43 @@ class Context:
             with torch.no_grad():
                 x0 = model.encode_images(images)
             self.prior = ConceptSamples("prior", "", x0, [config.class_prompt] * len(x0))
+
+    def refresh_retain_weights(self, released: dict[str, Tensor]) -> None:
+        """Hard retain sampling: re-weight the retain images by how far the denoiser under `released`
+        has drifted from the starting model on them (one fixed noisy sample per image; with
+        `retain_unconditional`, the empty-prompt drift is added). Half of every draw stays uniform."""
+        retain = self.retain
+        if retain is None:
+            return
+        if self._retain_probe is None:
+            generator = torch.Generator().manual_seed(self.config.seed + 2000)
+            noise, timesteps = sample_noise_and_timesteps(
+                self.model, Batch(retain.x0, retain.prompts), generator
+            )
+            x_t = self.model.scheduler.add_noise(retain.x0, noise, timesteps)
+            self._retain_probe = (x_t, timesteps, self._retain_predictions(None, x_t, timesteps))
+        x_t, timesteps, reference = self._retain_probe
+        found = self._retain_predictions(released, x_t, timesteps)
+        drift = sum((a - b).pow(2).flatten(1).mean(1) for a, b in zip(found, reference, strict=True))
+        uniform = torch.full_like(drift, 1.0 / len(drift))
+        total = drift.sum()
+        retain.weights = uniform if total <= 0 else 0.5 * uniform + 0.5 * drift / total
+
+    def _retain_predictions(self, params, x_t: Tensor, timesteps: Tensor, chunk: int = 32) -> list[Tensor]:
+        prompts = self.retain.prompts
+        halves = [prompts, [""] * len(prompts)] if self.config.retain_unconditional else [prompts]
+        found = []
+        with torch.no_grad():
+            for texts in halves:
+                parts = []
+                for start in range(0, len(x_t), chunk):
+                    stop = start + chunk
+                    embeddings = self.model.encode_prompts(texts[start:stop], params)
+                    parts.append(
+                        self.model.denoise(params, x_t[start:stop], timesteps[start:stop], embeddings)
+                    )
+                found.append(torch.cat(parts).float())
+        return found
 
     def batch(self, concept: ConceptSamples, generator: torch.Generator, with_prior: bool = True) -> Batch:
         prior = self.prior if with_prior else None
@@ -442,9 +503,22 @@ def immunize(
         checkpoint_every=config.checkpoint_every,
         seed=config.seed,
     )
+
+    def step_fn(values, step, generator):
+        if config.retain_sampling == "hard" and context.retain is not None:
+            if step % config.retain_refresh == 0:
+                context.refresh_retain_weights(method.finalize(values))
+            elif context.retain.weights is None:
+                raise DiffImmuneError(
+                    f"{out_dir} resumes at step {step}, between two drift measurements of hard retain "
+                    f"sampling (every {config.retain_refresh} steps), so it cannot end as an unbroken run "
+                    "would; set steps to a multiple of retain_refresh or pass --no-resume"
+                )
+        return method.step(values, step, generator)
+
     result = train(
         params,
-        method.step,
+        step_fn,
         train_config,
         out_dir / "train",
         resume=resume,
