@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from guidance_drift import predictions
 from relearning_table import model_name
 
 from diffimmune.core.objective import Batch, sample_noise_and_timesteps
@@ -27,10 +28,8 @@ from diffimmune.models.diffusion_model import load_model
 
 
 def guided(model, latents, t, prompts, scale):
-    with torch.no_grad():
-        cond = model.denoise(None, latents, t, model.encode_prompts(prompts))
-        uncond = model.denoise(None, latents, t, model.encode_prompts([""] * len(prompts)))
-    return uncond + scale * (cond - uncond)
+    """The guided prediction (guidance_drift's helper, which also returns the two halves)."""
+    return predictions(model, latents, t, prompts, scale)[2]
 
 
 def trajectory_states(model, prompts, seeds, steps, scale):
