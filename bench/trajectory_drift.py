@@ -34,15 +34,11 @@ def guided(model, latents, t, prompts, scale):
 
 def trajectory_states(model, prompts, seeds, steps, scale):
     """The (latents, timestep) pairs the model's guided DDIM sampler visits from the seeds' noise."""
-    scheduler = model.make_sampler("ddim")
-    scheduler.set_timesteps(steps)
-    latents = model.initial_noise(seeds) * scheduler.init_noise_sigma
     states = []
-    for t in scheduler.timesteps:
-        latents_in = scheduler.scale_model_input(latents, t)
-        states.append((latents_in, t))
-        prediction = guided(model, latents_in, t, prompts, scale)
-        latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+    with torch.no_grad():
+        model.sample(
+            prompts, model.initial_noise(seeds), steps, scale, on_state=lambda x, t: states.append((x, t))
+        )
     return states
 
 

@@ -253,7 +253,7 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
         "immunize", "--model", str(fast_world[1].model_dir), "--method", "imma", "--concepts", "star",
         "--steps", "1", "--hypergradient", "first_order", "--retain-weight", "5",
         "--retain-loss", "distill", "--retain-unconditional", "--retain-sampling", "hard",
-        "--out", str(out),
+        "--retain-states", "sampler", "--out", str(out),
     ]  # fmt: skip
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
@@ -264,7 +264,9 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
         and config["retain_loss"] == "distill"
         and config["retain_unconditional"]
         and config["retain_sampling"] == "hard"
+        and config["retain_states"] == "sampler"
     )
+    assert (out / "retain_states.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
@@ -276,6 +278,10 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
         (["--method", "imma", "--concepts", "star", "--hypergradient", "sideways"], "hypergradient"),
         (["--method", "imma", "--concepts", "star", "--retain-loss", "sideways"], "retain_loss"),
         (["--method", "imma", "--concepts", "star", "--retain-sampling", "sideways"], "retain_sampling"),
+        (
+            ["--method", "gift", "--concepts", "star", "--retain-states", "sampler"],
+            "needs retain_loss distill",
+        ),
     ],
 )
 def test_cli_immunize_bad_input_is_one_line(fast_world, tmp_path, arguments, message):

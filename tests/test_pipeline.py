@@ -224,7 +224,16 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
     from diffimmune.pipeline import immunize_key
 
     config = ImmunizeConfig(method="mima", concepts=["world:shape=star"], retain_weight=1.0)
-    added = ("retain_loss", "retain_unconditional", "merge_others", "retain_sampling", "retain_refresh")
+    added = (
+        "retain_loss",
+        "retain_unconditional",
+        "merge_others",
+        "retain_sampling",
+        "retain_refresh",
+        "retain_states",
+        "retain_sampler_steps",
+        "retain_guidance_scale",
+    )
     assert not set(added) & set(immunize_key(config))  # what runs before the fields hashed
     assert immunize_key(config) == {k: v for k, v in config.model_dump(mode="json").items() if k not in added}
     distilled = ImmunizeConfig(

@@ -488,6 +488,13 @@ def immunize(
         str | None,
         typer.Option(help="uniform, or hard: draw more of the retain images the defence has drifted on most"),
     ] = None,
+    retain_states: Annotated[
+        str | None,
+        typer.Option(
+            help="noised (the retain images at random timesteps) or sampler (the starting model's own "
+            "sampling trajectories on the retain prompts; needs --retain-loss distill)"
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
     ] = True,
@@ -522,6 +529,7 @@ def immunize(
         "retain_loss": retain_loss,
         "retain_unconditional": retain_unconditional,
         "retain_sampling": retain_sampling,
+        "retain_states": retain_states,
     }
     if concepts is not None:
         flags["concepts"] = concept_specs(concepts, data, model_world(diffusion_model))

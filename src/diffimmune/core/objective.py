@@ -30,10 +30,15 @@ class Batch:
     noise: Tensor | None = None
     timesteps: Tensor | None = None
     meta: dict = field(default_factory=dict)
+    # True: x0 holds noisy samples x_t at `timesteps` (a sampler's states), not clean images. Only
+    # `distillation_loss` reads such a batch (there is no clean image or noise to fit).
+    noisy: bool = False
 
     def __post_init__(self):
         if len(self.prompts) != self.x0.shape[0]:
             raise DiffImmuneError(f"batch has {self.x0.shape[0]} samples but {len(self.prompts)} prompts")
+        if self.noisy and self.timesteps is None:
+            raise DiffImmuneError("a batch of noisy samples needs the timesteps they were taken at")
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -78,7 +83,15 @@ def with_null_prompts(model, batch: Batch, generator: torch.Generator | None, nu
         noise=torch.cat([noise, noise]),
         timesteps=torch.cat([timesteps, timesteps]),
         meta=dict(batch.meta),
+        noisy=batch.noisy,
     )
+
+
+def _require_clean(batch: Batch) -> None:
+    if batch.noisy:
+        raise DiffImmuneError(
+            "the diffusion loss needs clean images, not sampler states; use retain_loss: distill"
+        )
 
 
 def diffusion_target(model, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -116,6 +129,7 @@ def per_sample_loss(
     snr_gamma: float | None = None,
 ) -> Tensor:
     """The squared error of each sample [B] (no prior term), optionally min-SNR weighted."""
+    _require_clean(batch)
     noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
     x_t = model.scheduler.add_noise(batch.x0, noise, timesteps)
     if text_embeddings is None:
@@ -139,6 +153,7 @@ def diffusion_loss(
 ) -> Tensor:
     """Mean diffusion loss of `batch` under `params`, plus `prior_weight` x the prior batch's loss.
     The instance and prior samples go through the denoiser in one forward pass."""
+    _require_clean(batch)
     if batch.prior is None:
         return per_sample_loss(model, params, batch, generator, snr_gamma=snr_gamma).mean()
     prior = batch.prior
@@ -163,9 +178,13 @@ def distillation_loss(
 ) -> Tensor:
     """Mean squared distance between the denoiser's predictions under `params` and the model's own
     (frozen) predictions on the same noisy samples of `batch` (no prior term). A retain loss that keeps
-    the model's function on the retain data, not only its fit to the images."""
-    noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
-    x_t = model.scheduler.add_noise(batch.x0, noise, timesteps)
+    the model's function on the retain data, not only its fit to the images. A `noisy` batch is read
+    at its own states and timesteps."""
+    if batch.noisy:
+        x_t, timesteps = batch.x0, batch.timesteps.to(batch.x0.device)
+    else:
+        noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
+        x_t = model.scheduler.add_noise(batch.x0, noise, timesteps)
     with torch.no_grad():
         target = model.denoise(None, x_t, timesteps, model.encode_prompts(batch.prompts))
     prediction = model.denoise(params, x_t, timesteps, model.encode_prompts(batch.prompts, params))

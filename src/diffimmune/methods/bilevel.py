@@ -205,7 +205,7 @@ class BilevelMethod(Method):
         return self.context.batch(concepts[branch.concepts[choice]], generator)
 
     def retain_loss(self, theta: dict[str, Tensor], generator) -> Tensor:
-        batch = self.context.batch(self.context.retain, generator, with_prior=False)
+        batch = self.context.batch(self.context.retain_pool, generator, with_prior=False)
         if self.config.retain_unconditional:
             batch = with_null_prompts(self.model, batch, generator)
         if self.config.retain_loss == "distill":  # keep the starting model's predictions, not just the fit

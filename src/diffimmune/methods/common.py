@@ -14,6 +14,8 @@ equal), and one outer step.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,9 @@ IMMUNIZE_FIELDS_ADDED = {
     "merge_others": "mean",
     "retain_sampling": "uniform",
     "retain_refresh": 50,
+    "retain_states": "noised",
+    "retain_sampler_steps": 25,
+    "retain_guidance_scale": 4.0,
 }
 
 
@@ -130,6 +135,18 @@ class ImmunizeConfig(StrictModel):
     )
     retain_refresh: int = Field(
         default=50, gt=0, description="hard retain sampling: steps between re-measurements of the drift"
+    )
+    retain_states: Literal["noised", "sampler"] = Field(
+        default="noised",
+        description="where the retain loss reads the denoiser: the retain images noised at random "
+        "timesteps, or the states the starting model's own guided sampler visits for the retain prompts "
+        "(every step of one trajectory per prompt), where the drift that moves generations builds up",
+    )
+    retain_sampler_steps: int = Field(
+        default=25, gt=0, description="retain_states sampler: DDIM steps of the recorded trajectories"
+    )
+    retain_guidance_scale: float = Field(
+        default=4.0, ge=1.0, description="retain_states sampler: classifier-free guidance of the trajectories"
     )
     reg_prompts: int = Field(default=200, gt=0, description="regularisation prompts of the merge")
     merge_directions: int = Field(default=3, gt=0, description="constraint directions per concept")
@@ -253,6 +270,11 @@ class ImmunizeConfig(StrictModel):
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of retain_refresh "
                 f"({self.retain_refresh}) so that a resumed run re-measures the drift where the first did"
             )
+        if self.retain_states == "sampler" and self.retain_loss != "distill" and self.method != "resalign":
+            raise ValueError(
+                "retain_states sampler needs retain_loss distill: a sampler state has no clean image to "
+                "fit, only the starting model's prediction to keep"
+            )
         if self.tokens is not None and len(self.tokens) != len(self.concepts):
             raise ValueError(f"tokens has {len(self.tokens)} entries for {len(self.concepts)} concepts")
         if self.tokens is not None and (self.prompt is None or "{token}" not in self.prompt):
@@ -282,6 +304,7 @@ class ConceptSamples:
     x0: Tensor
     prompts: list[str]
     weights: Tensor | None = None  # sampling probabilities of the images (None: uniform)
+    timesteps: Tensor | None = None  # set: x0 holds noisy sampler states at these timesteps (distillation)
 
     def batch(self, size: int, generator: torch.Generator, prior: ConceptSamples | None, weight: float):
         if self.weights is None:
@@ -289,6 +312,8 @@ class ConceptSamples:
         else:
             index = torch.multinomial(self.weights, size, replacement=True, generator=generator)
         batch = Batch(self.x0[index], [self.prompts[i] for i in index.tolist()])
+        if self.timesteps is not None:
+            batch.timesteps, batch.noisy = self.timesteps[index], True
         if prior is not None:
             prior_index = torch.randint(0, len(prior.x0), (size,), generator=generator)
             batch.prior = Batch(prior.x0[prior_index], [prior.prompts[i] for i in prior_index.tolist()])
@@ -317,6 +342,55 @@ def default_retain(concepts: list[str]) -> str | None:
     return "world:shape!=" + ",".join(words)
 
 
+RETAIN_STATE_SEED = 30000
+
+
+def sampler_states(
+    model, name: str, prompts: list[str], config: ImmunizeConfig, cache: Path
+) -> ConceptSamples:
+    """The states `model`'s guided DDIM sampler visits for each prompt (one trajectory per prompt, seeds
+    30000..., `retain_sampler_steps` steps at `retain_guidance_scale`), as a pool of noisy samples with
+    their timesteps and prompts; kept in the safetensors file `cache`, reused only for the same prompts,
+    seeds and settings."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from diffimmune.files import atomic_file
+
+    steps, scale = config.retain_sampler_steps, config.retain_guidance_scale
+    seeds = [RETAIN_STATE_SEED + i for i in range(len(prompts))]
+    key = hashlib.sha256(json.dumps([prompts, seeds, steps, scale]).encode()).hexdigest()
+    tensors = None
+    if cache.is_file():
+        with safe_open(str(cache), "pt") as handle:
+            if (handle.metadata() or {}).get("key") == key:
+                tensors = {k: handle.get_tensor(k) for k in ("states", "timesteps")}
+    if tensors is None:
+        states, timesteps = [], []
+        with torch.no_grad():
+            for start in range(0, len(prompts), 32):
+                chunk = prompts[start : start + 32]
+                recorded: list[tuple[Tensor, Tensor]] = []
+                model.sample(
+                    chunk,
+                    model.initial_noise(seeds[start : start + 32]),
+                    steps,
+                    scale,
+                    on_state=lambda x, t, into=recorded: into.append((x, t)),
+                )
+                # prompt-major: every state of a prompt's trajectory together
+                states.append(torch.stack([x for x, _ in recorded], 1).flatten(0, 1).float().cpu())
+                times = torch.stack([torch.as_tensor(t).reshape(()) for _, t in recorded]).long().cpu()
+                timesteps.append(times.repeat(len(chunk)))
+        tensors = {"states": torch.cat(states).contiguous(), "timesteps": torch.cat(timesteps)}
+        with atomic_file(cache) as temporary:
+            save_file(tensors, str(temporary), metadata={"key": key})
+    per_prompt = steps if len(prompts) == 0 else len(tensors["timesteps"]) // len(prompts)
+    expanded = [p for p in prompts for _ in range(per_prompt)]
+    states = tensors["states"].to(model.device, model.dtype)
+    return ConceptSamples(name, "", states, expanded, timesteps=tensors["timesteps"].to(model.device))
+
+
 class Context:
     """The model, the config and the data an immunization step draws from."""
 
@@ -341,6 +415,12 @@ class Context:
             with torch.no_grad():
                 x0 = model.encode_images(data.images)
             self.retain = ConceptSamples(self.retain_spec, "", x0, data.captions)
+        # What the retain loss draws from: the retain images, or the starting model's sampler states.
+        self.retain_pool: ConceptSamples | None = self.retain
+        if self.retain is not None and config.retain_states == "sampler":
+            self.retain_pool = sampler_states(
+                model, self.retain_spec, self.retain.prompts, config, out_dir / "retain_states.safetensors"
+            )
         self.prior: ConceptSamples | None = None
         if config.resolved("prior_preservation"):
             from diffimmune.adapters.prior import class_images
@@ -356,15 +436,18 @@ class Context:
         """Hard retain sampling: re-weight the retain images by how far the denoiser under `released`
         has drifted from the starting model on them (one fixed noisy sample per image; with
         `retain_unconditional`, the empty-prompt drift is added). Half of every draw stays uniform."""
-        retain = self.retain
+        retain = self.retain_pool
         if retain is None:
             return
         if self._retain_probe is None:
-            generator = torch.Generator().manual_seed(self.config.seed + 2000)
-            noise, timesteps = sample_noise_and_timesteps(
-                self.model, Batch(retain.x0, retain.prompts), generator
-            )
-            x_t = self.model.scheduler.add_noise(retain.x0, noise, timesteps)
+            if retain.timesteps is not None:  # sampler states: measured where they are
+                x_t, timesteps = retain.x0, retain.timesteps
+            else:
+                generator = torch.Generator().manual_seed(self.config.seed + 2000)
+                noise, timesteps = sample_noise_and_timesteps(
+                    self.model, Batch(retain.x0, retain.prompts), generator
+                )
+                x_t = self.model.scheduler.add_noise(retain.x0, noise, timesteps)
             self._retain_probe = (x_t, timesteps, self._retain_predictions(None, x_t, timesteps))
         x_t, timesteps, reference = self._retain_probe
         found = self._retain_predictions(released, x_t, timesteps)
@@ -374,7 +457,7 @@ class Context:
         retain.weights = uniform if total <= 0 else 0.5 * uniform + 0.5 * drift / total
 
     def _retain_predictions(self, params, x_t: Tensor, timesteps: Tensor, chunk: int = 32) -> list[Tensor]:
-        prompts = self.retain.prompts
+        prompts = self.retain_pool.prompts
         halves = [prompts, [""] * len(prompts)] if self.config.retain_unconditional else [prompts]
         found = []
         with torch.no_grad():
@@ -505,10 +588,10 @@ def immunize(
     )
 
     def step_fn(values, step, generator):
-        if config.retain_sampling == "hard" and context.retain is not None:
+        if config.retain_sampling == "hard" and context.retain_pool is not None:
             if step % config.retain_refresh == 0:
                 context.refresh_retain_weights(method.finalize(values))
-            elif context.retain.weights is None:
+            elif context.retain_pool.weights is None:
                 raise DiffImmuneError(
                     f"{out_dir} resumes at step {step}, between two drift measurements of hard retain "
                     f"sampling (every {config.retain_refresh} steps), so it cannot end as an unbroken run "

@@ -89,7 +89,7 @@ class GIFT(Method):
         with `retain_unconditional`, each image also under the empty prompt."""
         context = self.context
         if context.retain is not None:
-            batch = context.batch(context.retain, generator, with_prior=True)
+            batch = context.batch(context.retain_pool, generator, with_prior=True)
         else:
             batch = context.batch(context.prior, generator, with_prior=False)
         if self.config.retain_unconditional:

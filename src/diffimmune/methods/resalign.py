@@ -326,7 +326,7 @@ class ResAlign(Method):
     def retain_loss(self, params: Params, generator: torch.Generator) -> Tensor:
         """Distillation of the frozen model's noise predictions on the retain data."""
         batch = self.fixed_draws(
-            self.context.batch(self.context.retain, generator, with_prior=False), generator
+            self.context.batch(self.context.retain_pool, generator, with_prior=False), generator
         )
         if self.config.retain_unconditional:
             batch = with_null_prompts(self.model, batch, generator)

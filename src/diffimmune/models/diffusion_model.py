@@ -347,9 +347,20 @@ class DiffusionModel:
         return torch.cat(images) if images else torch.empty(0, 3, self.image_size, self.image_size)
 
     def sample(
-        self, prompts, latents, steps, guidance_scale, params=None, sampler="ddim", negative_prompt=""
+        self,
+        prompts,
+        latents,
+        steps,
+        guidance_scale,
+        params=None,
+        sampler="ddim",
+        negative_prompt="",
+        on_state=None,
     ):
-        """The Stable Diffusion sampling loop with classifier-free guidance, from given initial noise."""
+        """The Stable Diffusion sampling loop with classifier-free guidance, from given initial noise.
+
+        ``on_state(model_input, t)``, if given, sees every state the denoiser is called at (before the
+        guidance doubling) with its timestep."""
         scheduler = self.make_sampler(sampler)
         scheduler.set_timesteps(steps, device=self.device)
         condition = self.encode_prompts(prompts, params)
@@ -359,6 +370,8 @@ class DiffusionModel:
             condition = torch.cat([unconditional, condition])
         latents = latents * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
+            if on_state is not None:
+                on_state(scheduler.scale_model_input(latents, t), t)
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             prediction = self.denoise(params, model_input, t, condition)
