@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from relearning_table import model_name
+from relearning_table import defence_deltas, model_name
 from scipy import linalg
 
 from diffimmune.data.sources import model_world, world_model_folder
@@ -54,12 +54,7 @@ def main() -> None:
     experiment = json.loads((args.run / "experiment.json").read_text())
     targets = [t.partition("=")[2] or t for t in experiment["targets"]]
     settings = EvalSettings(**experiment.get("evaluate", {}))
-    chosen = None if args.models is None else set(args.models.split(","))
-    sources = sorted((args.run / "erase").glob("*-*")) + sorted(
-        d / "delta"
-        for d in (args.run / "immunize").glob("*-*")
-        if (d / "delta").is_dir() and (chosen is None or model_name(str(d / "delta")) in chosen)
-    )
+    sources = sorted((args.run / "erase").glob("*-*")) + defence_deltas(args.run, args.models)
     first = load_model(sources[0])
     world = model_world(first)
     classifier = world_model_parts(world_model_folder(first))[1]

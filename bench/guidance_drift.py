@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import torch
-from relearning_table import model_name
+from relearning_table import defence_deltas, model_name
 
 from diffimmune.core.objective import Batch, sample_noise_and_timesteps
 from diffimmune.data.sources import load_concept_data, model_world
@@ -48,12 +48,7 @@ def main() -> None:
     erased = sorted((args.run / "erase").glob("*-*"))
     reference_dir = erased[0] if erased else None
     reference = load_model(reference_dir) if reference_dir else None
-    chosen = None if args.models is None else set(args.models.split(","))
-    defences = sorted(
-        d / "delta"
-        for d in (args.run / "immunize").glob("*-*")
-        if (d / "delta").is_dir() and (chosen is None or model_name(str(d / "delta")) in chosen)
-    )
+    defences = defence_deltas(args.run, args.models)
     if reference is None:
         reference = load_model(json.loads((defences[0].parent / "immunize.json").read_text())["model"])
     world = model_world(reference)

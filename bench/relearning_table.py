@@ -33,6 +33,17 @@ def model_name(source: str) -> str:
     return Path(source).name
 
 
+def defence_deltas(run: Path, models: str | None = None) -> list[Path]:
+    """A pipeline run's immunized models (their delta folders), sorted; `models`: a comma-separated
+    subset of defence names (None: all)."""
+    chosen = None if models is None else set(models.split(","))
+    return sorted(
+        d / "delta"
+        for d in (run / "immunize").glob("*-*")
+        if (d / "delta").is_dir() and (chosen is None or model_name(str(d / "delta")) in chosen)
+    )
+
+
 def metric_series(run: Path) -> dict:
     """(model name, attack, concept, metric) -> {step: value}, from the run's metrics.csv."""
     series: dict = defaultdict(dict)

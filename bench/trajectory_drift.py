@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from guidance_drift import predictions
-from relearning_table import model_name
+from relearning_table import defence_deltas, model_name
 
 from diffimmune.core.objective import Batch, sample_noise_and_timesteps
 from diffimmune.data.sources import model_world
@@ -56,12 +56,7 @@ def main() -> None:
     reference = load_model(sorted((args.run / "erase").glob("*-*"))[0])
     world = model_world(reference)
     others = [s for s in world.known_shapes if s not in targets]
-    chosen = args.models.split(",")
-    defences = {
-        model_name(str(d / "delta")): d / "delta"
-        for d in (args.run / "immunize").glob("*-*")
-        if model_name(str(d / "delta")) in chosen
-    }
+    defences = {model_name(str(d)): d for d in defence_deltas(args.run, args.models)}
     scale = settings.guidance_scale
     probes = {}
     for index, shape in enumerate(others):
@@ -82,8 +77,8 @@ def main() -> None:
     print(f"guided drift (scale {scale}) per kept shape, as a multiple of the row's mean over shapes")
     print("| model | measure | " + " | ".join(others) + " | mean |")
     print("|---|---|" + "---|" * (len(others) + 1))
-    for name in chosen:
-        model = load_model(defences[name])
+    for name, delta in defences.items():
+        model = load_model(delta)
         on_trajectory, on_noised = [], []
         for shape in others:
             prompts, states, (noised, timesteps, expected) = probes[shape]

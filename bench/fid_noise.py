@@ -1,0 +1,95 @@
+"""How far the evaluation's other-shapes FID moves with the sampling seeds alone.
+
+The evaluation draws 16 generations per kept shape (128 in all) from fixed seeds and reports one FID
+against real images of them. This redraws the same prompts with other seed sets (draw 0 is the
+evaluation's own seeds, read from the run's sample cache) and prints each model's FID per draw, its mean
+and spread over draws, and its change against the erased model under the same seeds. A difference
+between two defences smaller than the spread over draws is not one the evaluation can see.
+
+    python bench/fid_noise.py runs/immunization-ii-unet --models gift_unet_b1_r20_m1_u --draws 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from relearning_table import defence_deltas, model_name
+
+from diffimmune.data.sources import model_world, world_model_folder
+from diffimmune.eval.encoders import WorldEncoder
+from diffimmune.eval.evaluate import EVAL_SEED, EvalSettings, concept_prompts
+from diffimmune.eval.metrics import FeatureExtractor, fid_kid
+from diffimmune.eval.sampling import generate_cached, weights_fingerprint
+from diffimmune.models.diffusion_model import load_model
+from diffimmune.recipes.world_build import world_model_parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--models", default=None, help="comma-separated defence names (default: all)")
+    parser.add_argument("--draws", type=int, default=3, help="seed sets (the first is the evaluation's)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    experiment = json.loads((args.run / "experiment.json").read_text())
+    targets = [t.partition("=")[2] or t for t in experiment["targets"]]
+    settings = EvalSettings(**experiment.get("evaluate", {}))
+    sources = sorted((args.run / "erase").glob("*-*")) + defence_deltas(args.run, args.models)
+    first = load_model(sources[0])
+    world = model_world(first)
+    classifier = world_model_parts(world_model_folder(first))[1]
+    features = FeatureExtractor(WorldEncoder(classifier, normalize=False).encode_images)
+    others = [s for s in world.known_shapes if s not in targets][: settings.other_concepts]
+    plans = [concept_prompts(world, "shape", shape, None, "sks", settings.samples) for shape in others]
+    real = torch.cat([data.images for _, data in plans])
+
+    scores: dict[str, list[float]] = {}
+    for source in sources:
+        model = load_model(source)
+        shared = args.run / "shared-samples" / weights_fingerprint(model)
+        name = "erased" if "/erase/" in str(source) else model_name(str(source))
+        scores[name] = []
+        for draw in range(args.draws):
+            images = []
+            for prompts, _ in plans:
+                seeds = [(EVAL_SEED + draw) * 1000 + i for i in range(len(prompts))]
+                images.append(
+                    generate_cached(
+                        model,
+                        prompts,
+                        seeds,
+                        None,
+                        settings.steps,
+                        settings.guidance_scale,
+                        shared_dir=shared,
+                    )
+                )
+            scores[name].append(fid_kid(real, torch.cat(images), features)["fid"])
+        print(f"{name}: " + ", ".join(f"{v:.1f}" for v in scores[name]), flush=True)
+
+    erased = scores.get("erased")
+    print(f"\nFID of the other shapes ({len(real)} generations per draw), draw 0 = the evaluation's seeds")
+    print(
+        "| model | "
+        + " | ".join(f"draw {d}" for d in range(args.draws))
+        + " | mean | sd | change vs erased per draw |"
+    )
+    print("|---|" + "---|" * (args.draws + 3))
+    for name, values in scores.items():
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        change = (
+            "-"
+            if erased is None or name == "erased"
+            else " / ".join(f"{v / e - 1:+.0%}" for v, e in zip(values, erased, strict=True))
+        )
+        cells = " | ".join(f"{v:.1f}" for v in values)
+        print(f"| {name} | {cells} | {statistics.mean(values):.1f} | {spread:.1f} | {change} |")
+
+
+if __name__ == "__main__":
+    main()
