@@ -12,16 +12,15 @@ between two defences smaller than the spread over draws is not one the evaluatio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
-from relearning_table import defence_deltas, model_name
+from relearning_table import model_name, run_experiment, run_models
 
 from diffimmune.data.sources import model_world, world_model_folder
 from diffimmune.eval.encoders import WorldEncoder
-from diffimmune.eval.evaluate import EVAL_SEED, EvalSettings, concept_prompts
+from diffimmune.eval.evaluate import EVAL_SEED, concept_prompts
 from diffimmune.eval.metrics import FeatureExtractor, fid_kid
 from diffimmune.eval.sampling import generate_cached, weights_fingerprint
 from diffimmune.models.diffusion_model import load_model
@@ -36,10 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    experiment = json.loads((args.run / "experiment.json").read_text())
-    targets = [t.partition("=")[2] or t for t in experiment["targets"]]
-    settings = EvalSettings(**experiment.get("evaluate", {}))
-    sources = sorted((args.run / "erase").glob("*-*")) + defence_deltas(args.run, args.models)
+    targets, settings = run_experiment(args.run)
+    sources = run_models(args.run, args.models)
     first = load_model(sources[0])
     world = model_world(first)
     classifier = world_model_parts(world_model_folder(first))[1]

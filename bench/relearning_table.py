@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from readme_results import relearning_rows
 
-from diffimmune.eval.evaluate import SAFE_CONCEPT, read_metrics_csv
+from diffimmune.eval.evaluate import SAFE_CONCEPT, EvalSettings, read_metrics_csv
 from diffimmune.eval.metrics import msgr
 
 ERASED = "erased"
@@ -31,6 +31,18 @@ def model_name(source: str) -> str:
     if "immunize" in parts:
         return parts[parts.index("immunize") + 1].rsplit("-", 1)[0]
     return Path(source).name
+
+
+def run_experiment(run: Path) -> tuple[list[str], EvalSettings]:
+    """A pipeline run's target names (star, not shape=star) and evaluation settings."""
+    experiment = json.loads((run / "experiment.json").read_text())
+    targets = [t.partition("=")[2] or t for t in experiment["targets"]]
+    return targets, EvalSettings(**experiment.get("evaluate", {}))
+
+
+def run_models(run: Path, models: str | None = None) -> list[Path]:
+    """The erased model's folder, then the chosen defences' delta folders (see `defence_deltas`)."""
+    return sorted((run / "erase").glob("*-*")) + defence_deltas(run, models)
 
 
 def defence_deltas(run: Path, models: str | None = None) -> list[Path]:

@@ -14,16 +14,15 @@ on the trajectory and not on noised images is one the retain loss cannot see.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from guidance_drift import predictions
-from relearning_table import defence_deltas, model_name
+from relearning_table import defence_deltas, model_name, run_experiment
 
 from diffimmune.core.objective import Batch, sample_noise_and_timesteps
 from diffimmune.data.sources import model_world
-from diffimmune.eval.evaluate import EVAL_SEED, EvalSettings, concept_prompts
+from diffimmune.eval.evaluate import EVAL_SEED, concept_prompts
 from diffimmune.models.diffusion_model import load_model
 
 
@@ -50,9 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    experiment = json.loads((args.run / "experiment.json").read_text())
-    targets = [t.partition("=")[2] or t for t in experiment["targets"]]
-    settings = EvalSettings(**experiment.get("evaluate", {}))
+    targets, settings = run_experiment(args.run)
     reference = load_model(sorted((args.run / "erase").glob("*-*"))[0])
     world = model_world(reference)
     others = [s for s in world.known_shapes if s not in targets]
