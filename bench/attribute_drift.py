@@ -24,15 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from relearning_table import model_name, run_experiment, run_models
+from relearning_table import kept_shapes, model_name
 from scipy import linalg
 
-from diffimmune.data.sources import model_world, world_model_folder
 from diffimmune.eval.encoders import WorldEncoder
 from diffimmune.eval.evaluate import EVAL_SEED, concept_prompts
 from diffimmune.eval.sampling import generate_cached, weights_fingerprint
 from diffimmune.models.diffusion_model import load_model
-from diffimmune.recipes.world_build import world_model_parts
 
 
 def frechet_terms(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
@@ -50,13 +48,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    targets, settings = run_experiment(args.run)
-    sources = run_models(args.run, args.models)
-    first = load_model(sources[0])
-    world = model_world(first)
-    classifier = world_model_parts(world_model_folder(first))[1]
+    kept = kept_shapes(args.run, args.models)
+    settings, sources, world, others, classifier = (
+        kept.settings, kept.sources, kept.world, kept.others, kept.classifier
+    )  # fmt: skip
     raw_encoder = WorldEncoder(classifier, normalize=False)
-    others = [s for s in world.known_shapes if s not in targets][: settings.other_concepts]
     plans = []
     for shape in others:
         prompts, data = concept_prompts(world, "shape", shape, None, "sks", settings.samples)

@@ -16,15 +16,13 @@ import statistics
 from pathlib import Path
 
 import torch
-from relearning_table import model_name, run_experiment, run_models
+from relearning_table import kept_shapes, model_name
 
-from diffimmune.data.sources import model_world, world_model_folder
 from diffimmune.eval.encoders import WorldEncoder
 from diffimmune.eval.evaluate import EVAL_SEED, concept_prompts
 from diffimmune.eval.metrics import FeatureExtractor, fid_kid
 from diffimmune.eval.sampling import generate_cached, weights_fingerprint
 from diffimmune.models.diffusion_model import load_model
-from diffimmune.recipes.world_build import world_model_parts
 
 
 def main() -> None:
@@ -35,13 +33,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    targets, settings = run_experiment(args.run)
-    sources = run_models(args.run, args.models)
-    first = load_model(sources[0])
-    world = model_world(first)
-    classifier = world_model_parts(world_model_folder(first))[1]
-    features = FeatureExtractor(WorldEncoder(classifier, normalize=False).encode_images)
-    others = [s for s in world.known_shapes if s not in targets][: settings.other_concepts]
+    kept = kept_shapes(args.run, args.models)
+    settings, sources, world, others = kept.settings, kept.sources, kept.world, kept.others
+    features = FeatureExtractor(WorldEncoder(kept.classifier, normalize=False).encode_images)
     plans = [concept_prompts(world, "shape", shape, None, "sks", settings.samples) for shape in others]
     real = torch.cat([data.images for _, data in plans])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,33 @@ def run_experiment(run: Path) -> tuple[list[str], EvalSettings]:
 def run_models(run: Path, models: str | None = None) -> list[Path]:
     """The erased model's folder, then the chosen defences' delta folders (see `defence_deltas`)."""
     return sorted((run / "erase").glob("*-*")) + defence_deltas(run, models)
+
+
+@dataclass
+class KeptShapes:
+    """What the benchmarks of the kept (other) shapes read from a pipeline run: its evaluation settings,
+    its models (the erased one first), the world, the world's detector, and the kept shapes the
+    evaluation draws."""
+
+    settings: EvalSettings
+    sources: list[Path]
+    world: object
+    classifier: object
+    others: list[str]
+
+
+def kept_shapes(run: Path, models: str | None = None) -> KeptShapes:
+    from diffimmune.data.sources import model_world, world_model_folder
+    from diffimmune.models.diffusion_model import load_model
+    from diffimmune.recipes.world_build import world_model_parts
+
+    targets, settings = run_experiment(run)
+    sources = run_models(run, models)
+    first = load_model(sources[0])
+    world = model_world(first)
+    classifier = world_model_parts(world_model_folder(first))[1]
+    others = [s for s in world.known_shapes if s not in targets][: settings.other_concepts]
+    return KeptShapes(settings, sources, world, classifier, others)
 
 
 def defence_deltas(run: Path, models: str | None = None) -> list[Path]:

@@ -271,6 +271,21 @@ def test_relearn_weight_zero_is_plain_unlearning(world_model, tmp_path):
             assert torch.allclose(output.grads[f"inner.lora/{name}"], grad), name
 
 
+def test_metrics_say_which_finetunes_hit_the_target_and_whether_the_relearn_term_was_active(
+    world_model, tmp_path
+):
+    def metrics(**overrides):
+        method, params = _method(world_model, tmp_path, concepts=["world:shape=star"], **overrides)
+        return method.step(params, 0, torch.Generator().manual_seed(3)).metrics
+
+    # Without a bound every target batch after the fine-tune gives the relearn term a gradient...
+    free = metrics(max_loss=None, finetune_data=["target"], finetune_samples=2)
+    assert free["finetune_on_target"] == 1.0 and free["relearn_active"] == 1.0
+    # ...with a bound below any reachable loss none does, and the benign fine-tunes are not on the target.
+    capped = metrics(max_loss=1e-9, finetune_data=["retain"], finetune_samples=2)
+    assert capped["finetune_on_target"] == 0.0 and capped["relearn_active"] == 0.0
+
+
 def test_a_diverging_richardson_solve_falls_back_loudly_into_the_metrics(
     world_model, fast_world, tmp_path, caplog
 ):

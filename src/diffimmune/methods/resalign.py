@@ -305,8 +305,9 @@ class ResAlign(Method):
             batches.append(batch)
         return batches
 
-    def harmful_loss(self, params: Params, batches: list[Batch]) -> Tensor:
-        """L_h summed over the target concepts (minimised)."""
+    def harmful_loss(self, params: Params, batches: list[Batch], capped: list[bool] | None = None) -> Tensor:
+        """L_h summed over the target concepts (minimised). `capped`, if given, receives one flag per
+        batch: whether its loss was past `max_loss` (no gradient from it)."""
         total = 0.0
         for batch in batches:
             if self.config.harmful_loss == "esd":
@@ -316,10 +317,11 @@ class ResAlign(Method):
                 total = total + (prediction.float() - batch.meta["target"].float()).pow(2).mean()
                 continue
             loss = diffusion_loss(self.model, params, batch)
-            if self.config.max_loss is not None and loss.item() > self.config.max_loss:
-                loss = (
-                    loss.detach() + 0.0 * loss
-                )  # high enough: no gradient, but still a graph to differentiate
+            past = self.config.max_loss is not None and loss.item() > self.config.max_loss
+            if capped is not None:
+                capped.append(past)
+            if past:  # high enough: no gradient, but still a graph to differentiate
+                loss = loss.detach() + 0.0 * loss
             total = total - loss
         return total
 
@@ -369,7 +371,9 @@ class ResAlign(Method):
         self, attack: AttackConfig, released: Params, outer_batches: list[Batch], generator: torch.Generator
     ) -> tuple[Tensor, HypergradResult]:
         """One sampled fine-tune of the model with released tensors `released` (W): the surrogate whose
-        gradient is d L_h(phi*(W)) / dW (`moreau_surrogate`) and the hypergradient's result."""
+        gradient is d L_h(phi*(W)) / dW (`moreau_surrogate`) and the hypergradient's result, whose info
+        has `relearn_active`: the share of target batches whose loss after the fine-tune is within
+        `max_loss`, the only ones that give the relearn term a gradient."""
         adapter = self.finetune_adapter(attack)
         names = adapter.base_names(self.model)
         data = self.finetune_data(attack)
@@ -385,8 +389,11 @@ class ResAlign(Method):
         def finetune_loss(state: Params, weights: Params, batch: Batch) -> Tensor:
             return diffusion_loss(self.model, model_params(state, weights), batch)
 
+        capped: list[bool] = []
+
         def outer(state: Params, weights: Params, batches: list[Batch]) -> Tensor:
-            return self.harmful_loss(model_params(state, weights), batches)
+            capped.clear()  # the flags of the last evaluation, at the fine-tuned weights
+            return self.harmful_loss(model_params(state, weights), batches, capped)
 
         fixed = {n: v.detach() for n, v in released.items()}
         optimizer = FinetuneOptimizer(
@@ -395,7 +402,7 @@ class ResAlign(Method):
             attack.learning_rate,
             attack.grad_clip,
         )
-        return moreau_surrogate(
+        surrogate, result = moreau_surrogate(
             released,
             init_state=lambda weights: adapter.init_state(self.model, base_of(weights)),
             inner_loss=finetune_loss,
@@ -406,6 +413,8 @@ class ResAlign(Method):
             implicit=self.implicit_config(),
             loss_reads_released=not isinstance(adapter, FullAdapter),
         )
+        result.info["relearn_active"] = 1.0 - sum(capped) / len(capped) if capped else 1.0
+        return surrogate, result
 
     # -- one outer step
     def lora_state(self, params: Params) -> Params:
@@ -460,6 +469,10 @@ class ResAlign(Method):
                     )
             metrics["harmful_loss_after_finetune"] = sum(after) / len(after)
             metrics["finetune_steps"] = sum(a.steps for a in attacks) / len(attacks)
+            # Which fine-tunes could teach the target back, and how many left its loss low enough
+            # (within max_loss) for the relearn term to push against them.
+            metrics["finetune_on_target"] = sum(a.data in config.concepts for a in attacks) / len(attacks)
+            metrics["relearn_active"] = sum(i["relearn_active"] for i in solver) / len(solver)
             if config.hypergradient == "implicit":
                 metrics |= {
                     "richardson_residual": max(float(i["residual"]) for i in solver),
