@@ -67,6 +67,15 @@ def sample_noise_and_timesteps(model, batch: Batch, generator: torch.Generator |
     return noise, timesteps.to(x0.device)
 
 
+def noisy_inputs(model, batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(x_t, t) at which the denoiser reads `batch`: a `noisy` batch's own states, else its images
+    noised with drawn (or the batch's fixed) noise and timesteps."""
+    if batch.noisy:
+        return batch.x0, batch.timesteps.to(batch.x0.device)
+    noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
+    return model.scheduler.add_noise(batch.x0, noise, timesteps), timesteps
+
+
 def with_null_prompts(model, batch: Batch, generator: torch.Generator | None, null_prompt: str = "") -> Batch:
     """`batch` twice: as it is, and with every prompt replaced by `null_prompt`, on the same noisy
     samples (noise and timesteps drawn once, unless the batch fixes them; the prior batch is kept).
@@ -180,11 +189,7 @@ def distillation_loss(
     (frozen) predictions on the same noisy samples of `batch` (no prior term). A retain loss that keeps
     the model's function on the retain data, not only its fit to the images. A `noisy` batch is read
     at its own states and timesteps."""
-    if batch.noisy:
-        x_t, timesteps = batch.x0, batch.timesteps.to(batch.x0.device)
-    else:
-        noise, timesteps = sample_noise_and_timesteps(model, batch, generator)
-        x_t = model.scheduler.add_noise(batch.x0, noise, timesteps)
+    x_t, timesteps = noisy_inputs(model, batch, generator)
     with torch.no_grad():
         target = model.denoise(None, x_t, timesteps, model.encode_prompts(batch.prompts))
     prediction = model.denoise(params, x_t, timesteps, model.encode_prompts(batch.prompts, params))

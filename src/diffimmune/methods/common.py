@@ -27,7 +27,7 @@ from torch import Tensor
 
 from diffimmune.adapters.base import AdapterConfig, make_adapter
 from diffimmune.config import StrictModel, TrainConfig, load_config
-from diffimmune.core.objective import Batch, sample_noise_and_timesteps
+from diffimmune.core.objective import Batch, noisy_inputs
 from diffimmune.data.sources import load_concept_data, parse_filter
 from diffimmune.errors import DiffImmuneError
 from diffimmune.files import ensure_writable_folder, replace_other_run, write_json_atomic
@@ -440,14 +440,12 @@ class Context:
         if retain is None:
             return
         if self._retain_probe is None:
-            if retain.timesteps is not None:  # sampler states: measured where they are
-                x_t, timesteps = retain.x0, retain.timesteps
-            else:
-                generator = torch.Generator().manual_seed(self.config.seed + 2000)
-                noise, timesteps = sample_noise_and_timesteps(
-                    self.model, Batch(retain.x0, retain.prompts), generator
-                )
-                x_t = self.model.scheduler.add_noise(retain.x0, noise, timesteps)
+            # sampler states are measured where they are; images at one fixed noisy sample each
+            probe = Batch(
+                retain.x0, retain.prompts, timesteps=retain.timesteps, noisy=retain.timesteps is not None
+            )
+            generator = torch.Generator().manual_seed(self.config.seed + 2000)
+            x_t, timesteps = noisy_inputs(self.model, probe, generator)
             self._retain_probe = (x_t, timesteps, self._retain_predictions(None, x_t, timesteps))
         x_t, timesteps, reference = self._retain_probe
         found = self._retain_predictions(released, x_t, timesteps)
