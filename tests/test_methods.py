@@ -84,6 +84,8 @@ def outer_value(method, params, seed):
         ("mima", {"inner_learning_rate": 1e-2}),
         ("mima", {"inner_method": "lora", "inner_learning_rate": 1e-2}),  # a LoRA adversary per concept
         ("mima", {"inner_method": "lora", "inner_learning_rate": 1e-2, "merge_others": "sum"}),
+        # the merged model's loss plus each adversary's own adapted model's loss on its concept
+        ("mima", {"inner_method": "lora", "inner_learning_rate": 1e-2, "outer_models": "merged_and_adapted"}),
     ],
 )
 def test_unrolled_hypergradient_matches_central_finite_differences(
@@ -108,6 +110,42 @@ def test_unrolled_hypergradient_matches_central_finite_differences(
     minus = {**params, **{n: theta[n] - epsilon * direction[n] for n in theta}}
     numeric = (outer_value(method, plus, 11) - outer_value(method, minus, 11)) / (2 * epsilon)
     assert abs(analytic - numeric) / abs(numeric) < 1e-3, (analytic, numeric)
+
+
+@pytest.mark.parametrize("mode", ["first_order", "unrolled"])
+@pytest.mark.parametrize(
+    ("outer_models", "scored"),
+    # merged: the merged model on both concepts; then each adversary's own model on its concept only
+    [("merged", [2]), ("merged_and_adapted", [2, 1, 1]), ("adapted", [1, 1])],
+)
+def test_mima_outer_models_score_the_merged_and_each_adversarys_own_model(
+    world_model, tmp_path, mode, outer_models, scored
+):
+    config = small_config("mima", inner_method="lora", hypergradient=mode, outer_models=outer_models)
+    context = Context(world_model, config, tmp_path, model_world(world_model))
+    method = method_registry()["mima"](context)
+    calls = []
+    score = method.outer_loss
+
+    def recording(params, batches, generator):
+        value = score(params, batches, generator)
+        calls.append((params, batches, value.item()))
+        return value
+
+    method.outer_loss = recording
+    named = world_model.named_parameters()
+    params = {n: named[n].detach().clone().requires_grad_(True) for n in method.theta_names}
+    params |= {f"inner.{k}": v.requires_grad_(True) for k, v in method.inner_state().items()}
+    output = method.step(params, 0, torch.Generator().manual_seed(5))
+    assert [len(batches) for _, batches, _ in calls] == scored
+    own = [call for call in calls if len(call[1]) == 1]
+    if own:
+        (first, first_batches, _), (second, second_batches, _) = own
+        assert first_batches[0].prompts != second_batches[0].prompts  # each on its own concept
+        kv = method.kv_names[0]
+        assert not torch.allclose(first[kv], second[kv])  # two different adversaries
+    assert output.loss == pytest.approx(-sum(value for *_, value in calls), rel=1e-6)
+    assert output.metrics["target_loss"] == pytest.approx(-output.loss / sum(scored), rel=1e-6)
 
 
 def test_first_order_differs_from_unrolled_but_points_the_same_way(world_model, tmp_path):

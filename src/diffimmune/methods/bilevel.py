@@ -64,6 +64,13 @@ class BilevelMethod(Method):
         """The weights the upper loss calls the model with, from each branch's adapted weights."""
         raise NotImplementedError
 
+    def outer_views(
+        self, theta: dict[str, Tensor], adapted: list[dict[str, Tensor]]
+    ) -> list[tuple[dict[str, Tensor], list[int]]]:
+        """Every model the upper loss is read on, each with the concepts whose target batches score it:
+        by default the one model of `outer_params`, on every concept."""
+        return [(self.outer_params(theta, adapted), list(range(len(self.context.concepts))))]
+
     def outer_loss(self, params: dict[str, Tensor], batches: list[Batch], generator) -> Tensor:
         """Summed diffusion loss of the target batches (one per concept) under `params`; maximised."""
         total = 0.0
@@ -89,11 +96,11 @@ class BilevelMethod(Method):
         state = {k: start[k] + residual[k] for k in start}
         return {**theta, **branch.adapter.view(self.model, base, state)}
 
-    def released_outer_params(self, z: dict[str, Tensor]) -> dict[str, Tensor]:
-        """What the upper loss calls the model with, from theta and every branch's residual in `z`."""
+    def released_outer_views(self, z: dict[str, Tensor]) -> list[tuple[dict[str, Tensor], list[int]]]:
+        """`outer_views` from theta and every branch's residual in `z`."""
         theta, residuals = self.split(z)
         adapted = [self.adapted_params(b, theta, residuals[i]) for i, b in enumerate(self.branches)]
-        return self.outer_params(theta, adapted)
+        return self.outer_views(theta, adapted)
 
     def inner_state(self) -> dict[str, Tensor]:
         named = self.model.named_parameters()
@@ -147,8 +154,12 @@ class BilevelMethod(Method):
                         updated[f"{index}/{name}"] = residual[name] - self.lr * grad
             return updated
 
+        scored_terms = []
+
         def upper(z, batches):
-            return self.outer_loss(self.released_outer_params(z), batches, generator)
+            views = self.released_outer_views(z)
+            scored_terms.append(sum(len(scored) for _, scored in views))
+            return sum(self.outer_loss(view, [batches[c] for c in scored], generator) for view, scored in views)
 
         z0 = {THETA + n: v.detach() for n, v in theta.items()} | residuals
         if self.config.hypergradient == "unrolled":
@@ -167,22 +178,25 @@ class BilevelMethod(Method):
         else:
             adapted_z = adapt(z0, inner_step, inner_batches, create_graph=False)
             wanted = set(self.theta_names)
-            final = {
-                n: v.detach().requires_grad_(n in wanted)
-                for n, v in self.released_outer_params(adapted_z).items()
-            }
-            loss = self.outer_loss(final, outer_batches, generator)
-            values = torch.autograd.grad(loss, [final[n] for n in self.theta_names], allow_unused=True)
-            grads = {
-                n: (g if g is not None else torch.zeros_like(theta[n]))
-                for n, g in zip(self.theta_names, values, strict=True)
-            }
-            outer_value = loss.item()
+            grads = {n: torch.zeros_like(theta[n]) for n in self.theta_names}
+            loss = 0.0
+            views = self.released_outer_views(adapted_z)
+            scored_terms.append(sum(len(scored) for _, scored in views))
+            for view, scored in views:
+                final = {n: v.detach().requires_grad_(n in wanted) for n, v in view.items()}
+                view_loss = self.outer_loss(final, [outer_batches[c] for c in scored], generator)
+                values = torch.autograd.grad(view_loss, [final[n] for n in self.theta_names], allow_unused=True)
+                for name, value in zip(self.theta_names, values, strict=True):
+                    if value is not None:
+                        grads[name] = grads[name] + value
+                loss = loss + view_loss.detach()
+            outer_value = float(loss)
         if self.config.inner_warm_start:  # adapted_z's residual keys are the carried state's own
             store_inner(params, {k: v.detach() for k, v in adapted_z.items() if not k.startswith(THETA)})
         # Gradient *ascent* on the adapted model's loss: the loop minimises, so hand it the negation.
         grads = {n: -g for n, g in grads.items()}
-        metrics = {"target_loss": outer_value / max(1, len(outer_batches))}
+        # The mean over the scored (model, concept) pairs: one per concept, unless a method scores more.
+        metrics = {"target_loss": outer_value / max(1, scored_terms[-1])}
         loss_value = -outer_value
         if self.config.retain_weight > 0 and context.retain is not None:
             retain_loss = self.retain_loss(theta, generator)

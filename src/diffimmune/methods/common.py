@@ -74,6 +74,7 @@ IMMUNIZE_FIELDS_ADDED = {
     "retain_loss": "diffusion",
     "retain_unconditional": False,
     "merge_others": "mean",
+    "outer_models": "merged",
     "retain_sampling": "uniform",
     "retain_refresh": 50,
     "retain_states": "noised",
@@ -154,6 +155,13 @@ class ImmunizeConfig(StrictModel):
         default="mean",
         description="MIMA's merge outside cross-attention K/V: the average of the adapted models (the "
         "paper) or the released weights plus every adversary's change (each at full strength)",
+    )
+    outer_models: Literal["merged", "merged_and_adapted", "adapted"] = Field(
+        default="merged",
+        description="MIMA and Compose: the models whose target loss the upper level maximises: the merged "
+        "model (the paper); also each adversary's own adapted model on its concept (merged_and_adapted: an "
+        "attacker who fine-tunes one concept and does not merge); or only those (adapted: IMMA with one "
+        "adversary per concept, the control that isolates the merge)",
     )
     max_loss: float | None = Field(
         default=None, gt=0, description="stop ascending a concept's loss once it exceeds this"

@@ -5,7 +5,9 @@ two baselines.
   each; the N adapted models are merged (`core.merge.merge_models`: Custom Diffusion's closed form on
   every cross-attention K/V, the average elsewhere, or with `merge_others: sum` the base plus every
   adversary's change); the released cross-attention weights maximise the
-  summed target loss *of the merged model*, differentiated through the merge.
+  summed target loss *of the merged model*, differentiated through the merge (with `outer_models:
+  merged_and_adapted`, plus each concept's loss on its own adversary's adapted model, unmerged; with
+  `adapted`, only those: IMMA with one adversary per concept, the control that isolates the merge).
 - **joint**: IMMA with a DreamBooth adversary on all concepts' data pooled.
 - **compose**: only cross-attention K/V are adapted (one adversary per concept) and merged; everything
   else stays frozen.
@@ -127,6 +129,13 @@ class MIMA(BilevelMethod):
             others=self.config.merge_others,
         )
         return merged
+
+    def outer_views(self, theta, adapted):
+        own = [(params, branch.concepts) for params, branch in zip(adapted, self.branches, strict=True)]
+        if self.config.outer_models == "adapted":
+            return own
+        merged = super().outer_views(theta, adapted)
+        return merged + own if self.config.outer_models == "merged_and_adapted" else merged
 
 
 class Joint(IMMA):
