@@ -159,7 +159,9 @@ class BilevelMethod(Method):
         def upper(z, batches):
             views = self.released_outer_views(z)
             scored_terms.append(sum(len(scored) for _, scored in views))
-            return sum(self.outer_loss(view, [batches[c] for c in scored], generator) for view, scored in views)
+            return sum(
+                self.outer_loss(view, [batches[c] for c in scored], generator) for view, scored in views
+            )
 
         z0 = {THETA + n: v.detach() for n, v in theta.items()} | residuals
         if self.config.hypergradient == "unrolled":
@@ -185,7 +187,9 @@ class BilevelMethod(Method):
             for view, scored in views:
                 final = {n: v.detach().requires_grad_(n in wanted) for n, v in view.items()}
                 view_loss = self.outer_loss(final, [outer_batches[c] for c in scored], generator)
-                values = torch.autograd.grad(view_loss, [final[n] for n in self.theta_names], allow_unused=True)
+                values = torch.autograd.grad(
+                    view_loss, [final[n] for n in self.theta_names], allow_unused=True
+                )
                 for name, value in zip(self.theta_names, values, strict=True):
                     if value is not None:
                         grads[name] = grads[name] + value
