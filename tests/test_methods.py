@@ -127,8 +127,8 @@ def test_mima_outer_models_score_the_merged_and_each_adversarys_own_model(
     calls = []
     score = method.outer_loss
 
-    def recording(params, batches, generator):
-        value = score(params, batches, generator)
+    def recording(params, batches, generator, terms=None):
+        value = score(params, batches, generator, terms)
         calls.append((params, batches, value.item()))
         return value
 
@@ -146,6 +146,21 @@ def test_mima_outer_models_score_the_merged_and_each_adversarys_own_model(
         assert not torch.allclose(first[kv], second[kv])  # two different adversaries
     assert output.loss == pytest.approx(-sum(value for *_, value in calls), rel=1e-6)
     assert output.metrics["target_loss"] == pytest.approx(-output.loss / sum(scored), rel=1e-6)
+    if len(scored) > 1 and outer_models != "merged":  # each view's mean beside the overall one
+        own = {k: v for k, v in output.metrics.items() if k.startswith("target_loss_own_")}
+        assert sorted(own) == ["target_loss_own_square", "target_loss_own_star"]
+        assert own["target_loss_own_star"] == pytest.approx(calls[-2][2], rel=1e-6)
+
+
+def test_target_metrics_report_each_view_and_the_terms_still_pushing():
+    from diffimmune.methods.bilevel import target_metrics
+
+    metrics = target_metrics({"merged": [0.9, 0.5], "own_star": [0.1], "own_square": [0.2]}, max_loss=0.3)
+    assert metrics["target_loss"] == pytest.approx(0.425)
+    assert metrics["target_loss_merged"] == pytest.approx(0.7)
+    assert metrics["target_loss_own_star"] == pytest.approx(0.1)
+    assert metrics["target_active"] == pytest.approx(0.5)  # the two own terms, not the merged ones
+    assert target_metrics({"model": [0.1, 0.5]}, max_loss=None) == {"target_loss": pytest.approx(0.3)}
 
 
 def test_first_order_differs_from_unrolled_but_points_the_same_way(world_model, tmp_path):

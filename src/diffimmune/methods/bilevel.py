@@ -66,16 +66,21 @@ class BilevelMethod(Method):
 
     def outer_views(
         self, theta: dict[str, Tensor], adapted: list[dict[str, Tensor]]
-    ) -> list[tuple[dict[str, Tensor], list[int]]]:
-        """Every model the upper loss is read on, each with the concepts whose target batches score it:
-        by default the one model of `outer_params`, on every concept."""
-        return [(self.outer_params(theta, adapted), list(range(len(self.context.concepts))))]
+    ) -> list[tuple[dict[str, Tensor], list[int], str]]:
+        """Every model the upper loss is read on, each with the concepts whose target batches score it
+        and a name for the step's metrics: by default the one model of `outer_params`, on every concept."""
+        return [(self.outer_params(theta, adapted), list(range(len(self.context.concepts))), "model")]
 
-    def outer_loss(self, params: dict[str, Tensor], batches: list[Batch], generator) -> Tensor:
-        """Summed diffusion loss of the target batches (one per concept) under `params`; maximised."""
+    def outer_loss(
+        self, params: dict[str, Tensor], batches: list[Batch], generator, terms: list[float] | None = None
+    ) -> Tensor:
+        """Summed diffusion loss of the target batches (one per concept) under `params`; maximised. Each
+        concept's value is appended to `terms` when given."""
         total = 0.0
         for batch in batches:
             loss = diffusion_loss(self.model, params, batch, generator)
+            if terms is not None:
+                terms.append(loss.item())
             if self.config.max_loss is not None and loss.item() > self.config.max_loss:
                 loss = loss.detach()  # high enough: spend the capacity on the other concepts
             total = total + loss
@@ -154,14 +159,15 @@ class BilevelMethod(Method):
                         updated[f"{index}/{name}"] = residual[name] - self.lr * grad
             return updated
 
-        scored_terms = []
+        view_terms: dict[str, list[float]] = {}  # the upper loss's terms, per view
 
         def upper(z, batches):
-            views = self.released_outer_views(z)
-            scored_terms.append(sum(len(scored) for _, scored in views))
-            return sum(
-                self.outer_loss(view, [batches[c] for c in scored], generator) for view, scored in views
-            )
+            view_terms.clear()
+            total = 0.0
+            for view, scored, label in self.released_outer_views(z):
+                terms = view_terms.setdefault(label, [])
+                total = total + self.outer_loss(view, [batches[c] for c in scored], generator, terms)
+            return total
 
         z0 = {THETA + n: v.detach() for n, v in theta.items()} | residuals
         if self.config.hypergradient == "unrolled":
@@ -182,11 +188,10 @@ class BilevelMethod(Method):
             wanted = set(self.theta_names)
             grads = {n: torch.zeros_like(theta[n]) for n in self.theta_names}
             loss = 0.0
-            views = self.released_outer_views(adapted_z)
-            scored_terms.append(sum(len(scored) for _, scored in views))
-            for view, scored in views:
+            for view, scored, label in self.released_outer_views(adapted_z):
                 final = {n: v.detach().requires_grad_(n in wanted) for n, v in view.items()}
-                view_loss = self.outer_loss(final, [outer_batches[c] for c in scored], generator)
+                terms = view_terms.setdefault(label, [])
+                view_loss = self.outer_loss(final, [outer_batches[c] for c in scored], generator, terms)
                 values = torch.autograd.grad(
                     view_loss, [final[n] for n in self.theta_names], allow_unused=True
                 )
@@ -199,8 +204,7 @@ class BilevelMethod(Method):
             store_inner(params, {k: v.detach() for k, v in adapted_z.items() if not k.startswith(THETA)})
         # Gradient *ascent* on the adapted model's loss: the loop minimises, so hand it the negation.
         grads = {n: -g for n, g in grads.items()}
-        # The mean over the scored (model, concept) pairs: one per concept, unless a method scores more.
-        metrics = {"target_loss": outer_value / max(1, scored_terms[-1])}
+        metrics = target_metrics(view_terms, self.config.max_loss)
         loss_value = -outer_value
         if self.config.retain_weight > 0 and context.retain is not None:
             retain_loss = self.retain_loss(theta, generator)
@@ -229,6 +233,19 @@ class BilevelMethod(Method):
         if self.config.retain_loss == "distill":  # keep the starting model's predictions, not just the fit
             return distillation_loss(self.model, theta, batch, generator)
         return diffusion_loss(self.model, theta, batch, generator)
+
+
+def target_metrics(view_terms: dict[str, list[float]], max_loss: float | None) -> dict[str, float]:
+    """The upper loss's terms as step metrics: target_loss, their mean over every scored (model, concept)
+    pair; with several views, each view's mean (target_loss_<view>); with `max_loss`, target_active, the
+    share of terms still at or under it (the ones that push; a term past it has no gradient)."""
+    values = [value for terms in view_terms.values() for value in terms]
+    metrics = {"target_loss": sum(values) / max(1, len(values))}
+    if len(view_terms) > 1:
+        metrics |= {f"target_loss_{label}": sum(t) / max(1, len(t)) for label, t in view_terms.items()}
+    if max_loss is not None:
+        metrics["target_active"] = sum(value <= max_loss for value in values) / max(1, len(values))
+    return metrics
 
 
 def _unused(params, batch):  # the unrolled mode never calls the lower-level loss directly

@@ -131,10 +131,17 @@ class MIMA(BilevelMethod):
         return merged
 
     def outer_views(self, theta, adapted):
-        own = [(params, branch.concepts) for params, branch in zip(adapted, self.branches, strict=True)]
+        own = [
+            (
+                params,
+                branch.concepts,
+                "own_" + "_".join(self.context.concepts[c].word for c in branch.concepts),
+            )
+            for params, branch in zip(adapted, self.branches, strict=True)
+        ]
         if self.config.outer_models == "adapted":
             return own
-        merged = super().outer_views(theta, adapted)
+        merged = [(params, scored, "merged") for params, scored, _ in super().outer_views(theta, adapted)]
         return merged + own if self.config.outer_models == "merged_and_adapted" else merged
 
 
