@@ -43,7 +43,8 @@ class Branch:
 
 class BilevelMethod(Method):
     """Subclasses say how branches are formed (`branches`) and how the upper level sees the adapted
-    models (`outer_params`: IMMA uses the one adapted model, MIMA merges them)."""
+    models (`outer_params`: IMMA uses the one adapted model, MIMA merges them; `outer_views` when the
+    upper loss reads several models)."""
 
     def __init__(self, context: Context):
         super().__init__(context)
@@ -79,9 +80,10 @@ class BilevelMethod(Method):
         total = 0.0
         for batch in batches:
             loss = diffusion_loss(self.model, params, batch, generator)
+            value = loss.item()  # one device sync per term, for the metric and the bound
             if terms is not None:
-                terms.append(loss.item())
-            if self.config.max_loss is not None and loss.item() > self.config.max_loss:
+                terms.append(value)
+            if self.config.max_loss is not None and value > self.config.max_loss:
                 loss = loss.detach()  # high enough: spend the capacity on the other concepts
             total = total + loss
         if not total.requires_grad:  # every concept past max_loss: a zero gradient, not an autograd error
@@ -101,7 +103,7 @@ class BilevelMethod(Method):
         state = {k: start[k] + residual[k] for k in start}
         return {**theta, **branch.adapter.view(self.model, base, state)}
 
-    def released_outer_views(self, z: dict[str, Tensor]) -> list[tuple[dict[str, Tensor], list[int]]]:
+    def released_outer_views(self, z: dict[str, Tensor]) -> list[tuple[dict[str, Tensor], list[int], str]]:
         """`outer_views` from theta and every branch's residual in `z`."""
         theta, residuals = self.split(z)
         adapted = [self.adapted_params(b, theta, residuals[i]) for i, b in enumerate(self.branches)]
