@@ -147,9 +147,9 @@ def test_mima_outer_models_score_the_merged_and_each_adversarys_own_model(
     assert output.loss == pytest.approx(-sum(value for *_, value in calls), rel=1e-6)
     assert output.metrics["target_loss"] == pytest.approx(-output.loss / sum(scored), rel=1e-6)
     if len(scored) > 1 and outer_models != "merged":  # each view's mean beside the overall one
-        own = {k: v for k, v in output.metrics.items() if k.startswith("target_loss_own_")}
-        assert sorted(own) == ["target_loss_own_square", "target_loss_own_star"]
-        assert own["target_loss_own_star"] == pytest.approx(calls[-2][2], rel=1e-6)
+        own_metrics = {k: v for k, v in output.metrics.items() if k.startswith("target_loss_own_")}
+        assert sorted(own_metrics) == ["target_loss_own_square", "target_loss_own_star"]
+        assert own_metrics["target_loss_own_star"] == pytest.approx(calls[-2][2], rel=1e-6)
 
 
 def test_target_metrics_report_each_view_and_the_terms_still_pushing():
