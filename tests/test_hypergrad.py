@@ -11,6 +11,7 @@ import torch
 
 from diffimmune.core.hypergrad import (
     ImplicitConfig,
+    adam_step,
     adapt,
     gradient_step,
     hvp,
@@ -199,6 +200,73 @@ def test_hvp_matches_the_hessian_times_the_vector():
     product = hvp(lambda params: inner_loss(params, None), _unflatten(theta), _unflatten(vector))
     assert set(product) == set(SHAPES)
     assert torch.allclose(_flatten(product), A @ vector, atol=1e-12)
+
+
+def _adam_lora_problem():
+    """theta + B A v fitted to t by Adam steps on (A, B), B starting at zero (a fresh LoRA): A's first
+    gradient is exactly zero. The moments and the step count ride in the params dict."""
+    generator = torch.Generator().manual_seed(7)
+    v, t, c, theta = (torch.randn(3, generator=generator, dtype=DTYPE) for _ in range(4))
+    start = {
+        "A": torch.randn(2, 3, generator=generator, dtype=DTYPE),
+        "B": torch.zeros(3, 2, dtype=DTYPE),
+    }
+
+    def fit(params, target):
+        return (params["theta"] + params["B"] @ params["A"] @ v - target).square().sum()
+
+    def inner_step(params, batch, *, create_graph):
+        count = round(float(params["count"].detach())) + 1
+        names = ["A", "B"]
+        # Constants (the unrolled mode's non-wrt entries) become leaves, as an inner step must make them.
+        params = {
+            n: v if n not in names or v.requires_grad else v.requires_grad_(True) for n, v in params.items()
+        }
+        grads = torch.autograd.grad(fit(params, t), [params[n] for n in names], create_graph=create_graph)
+        moments = tuple({n: params[f"{m}:{n}"] for n in names} for m in ("first", "second"))
+        stepped, (first, second) = adam_step(
+            {n: params[n] for n in names}, dict(zip(names, grads, strict=True)), moments, count, 0.05
+        )
+        moved = {f"first:{n}": first[n] for n in names} | {f"second:{n}": second[n] for n in names}
+        return {**params, **stepped, **moved, "count": torch.tensor(float(count), dtype=DTYPE)}
+
+    zeros = {f"{m}:{n}": torch.zeros_like(value) for m in ("first", "second") for n, value in start.items()}
+    params = {"theta": theta, **start, **zeros, "count": torch.tensor(0.0, dtype=DTYPE)}
+    return params, inner_step, (lambda adapted, batch: fit(adapted, c))
+
+
+def test_unrolled_through_adam_steps_matches_finite_differences_from_a_zero_gradient():
+    params, inner_step, outer_loss = _adam_lora_problem()
+    result = hypergradient(
+        params,
+        mode="unrolled",
+        inner_step=inner_step,
+        inner_loss=None,
+        outer_loss=outer_loss,
+        inner_batches=[None] * 3,
+        outer_batch=None,
+        wrt=["theta"],
+    )
+    analytic = result.grads["theta"]
+    assert torch.isfinite(analytic).all()  # the zero gradient's root is clamped, not differentiated at 0
+
+    def objective(theta):
+        adapted = adapt({**params, "theta": theta}, inner_step, [None] * 3, create_graph=False)
+        return outer_loss(adapted, None).item()
+
+    epsilon = 1e-6
+    numeric = torch.stack(
+        [
+            torch.tensor(
+                (objective(params["theta"] + epsilon * e) - objective(params["theta"] - epsilon * e))
+                / (2 * epsilon)
+            )
+            for e in torch.eye(3, dtype=DTYPE)
+        ]
+    ).to(DTYPE)
+    assert torch.allclose(analytic, numeric, rtol=1e-5, atol=1e-8), (analytic, numeric)
+    # Adam's steps moved A only once B had left zero, and the first step moved B by about lr per entry.
+    assert not torch.equal(result.adapted["A"], params["A"])
 
 
 def test_unknown_mode_is_a_user_error():

@@ -453,7 +453,12 @@ def immunize(
     inner_method: Annotated[
         str | None, typer.Option(help="lora, dreambooth, textual_inversion, custom_diffusion, full")
     ] = None,
-    inner_learning_rate: Annotated[float | None, typer.Option(help="lower-level SGD step")] = None,
+    inner_optimizer: Annotated[
+        str | None,
+        typer.Option(help="bi-level methods' lower level: sgd (the papers) or adam (the attacks')"),
+    ] = None,
+    inner_learning_rate: Annotated[float | None, typer.Option(help="lower-level step size")] = None,
+    inner_steps: Annotated[int | None, typer.Option(min=1, help="lower-level steps per outer step")] = None,
     selection: Annotated[
         str | None, typer.Option(help="released tensors to train (attn, xattn, ...)")
     ] = None,
@@ -518,7 +523,9 @@ def immunize(
         "steps": steps,
         "learning_rate": learning_rate,
         "inner_method": inner_method,
+        "inner_optimizer": inner_optimizer,
         "inner_learning_rate": inner_learning_rate,
+        "inner_steps": inner_steps,
         "selection": selection,
         "prompt": prompt,
         "tokens": split_list(tokens) or None,

@@ -38,6 +38,7 @@ __all__ = [
     "HypergradResult",
     "ImplicitConfig",
     "InnerStep",
+    "adam_step",
     "adapt",
     "gradient_step",
     "hvp",
@@ -121,6 +122,35 @@ def gradient_step(loss_fn: LossFn, lr: float) -> InnerStep:
         return {name: value - lr * grads[name] for name, value in params.items()}
 
     return step
+
+
+def adam_step(
+    params: Params,
+    grads: Params,
+    moments: tuple[Params, Params],
+    count: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> tuple[Params, tuple[Params, Params]]:
+    """Adam's `count`-th step (from 1) as a differentiable function: (params', (first', second')).
+
+    As torch.optim.Adam: bias correction applied once, eps added to the root of the corrected second
+    moment. A moment missing from `moments` starts at zero. The root is taken of the second moment clamped
+    at eps^2, which changes nothing for gradients above ~eps and keeps a graph through the step finite
+    where a gradient is exactly zero (a fresh LoRA's A), where the plain root's derivative is infinite.
+    """
+    beta1, beta2 = betas
+    correction1, correction2 = 1 - beta1**count, 1 - beta2**count
+    first_moments, second_moments, updated = {}, {}, {}
+    for name, value in params.items():
+        grad = grads[name]
+        first = beta1 * moments[0].get(name, 0.0) + (1 - beta1) * grad
+        second = beta2 * moments[1].get(name, 0.0) + (1 - beta2) * grad * grad
+        denominator = (second / correction2).clamp_min(eps * eps).sqrt() + eps
+        updated[name] = value - lr * (first / correction1) / denominator
+        first_moments[name], second_moments[name] = first, second
+    return updated, (first_moments, second_moments)
 
 
 def adapt(params: Params, inner_step: InnerStep, batches: Sequence[Batch], create_graph: bool) -> Params:

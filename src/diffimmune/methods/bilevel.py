@@ -2,7 +2,10 @@
 
 The released tensors theta (the upper-level selection) are trained to *maximise* the diffusion loss of
 the model an adversary obtains from them. The adversary is the lower level: one adapter per branch
-(IMMA: one, on all target data; MIMA: one per concept), taking `inner_steps` SGD steps on its state.
+(IMMA: one, on all target data; MIMA: one per concept), taking `inner_steps` steps on its state: SGD (the
+papers), or Adam (`inner_optimizer: adam`), the attacks' own optimiser, whose moments and step count are
+carried with the state; the unrolled hypergradient differentiates through the moments of the outer step's
+own inner steps (those carried from earlier outer steps are constants, as the state is).
 
 A branch's state is stored as a residual r on top of the adapter's starting point phi0(theta), so that
 the adapted weights view(theta, phi0(theta) + r) stay a differentiable function of theta for every
@@ -24,12 +27,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffimmune.core.hypergrad import adapt, hypergradient
+from diffimmune.core.hypergrad import adam_step, adapt, hypergradient
 from diffimmune.core.objective import Batch, diffusion_loss, distillation_loss, with_null_prompts
 from diffimmune.core.train import StepOutput
 from diffimmune.methods.common import Context, Method, inner_of, store_inner, theta_of
 
 THETA = "theta:"
+# The Adam lower level's carried state, beside each branch's residual "index/name".
+ADAM_MOMENTS = ("adam_first:", "adam_second:")
+ADAM_COUNT = "adam_count"
 
 
 @dataclass
@@ -53,6 +59,7 @@ class BilevelMethod(Method):
         needed = {n for branch in self.branches for n in branch.base_names} | set(self.extra_base_names())
         self.frozen = {n: named[n].detach() for n in needed if n not in set(self.theta_names)}
         self.lr = self.config.resolved("inner_learning_rate")
+        self.adam = self.config.inner_optimizer == "adam"
 
     # -- what subclasses decide
     def make_branches(self) -> list[Branch]:
@@ -117,6 +124,11 @@ class BilevelMethod(Method):
             start = branch.adapter.init_state(self.model, self.branch_base(branch, theta))
             for key, value in start.items():
                 state[f"{index}/{key}"] = torch.zeros_like(value.detach())
+        if self.adam:
+            residual_keys = list(state)
+            for prefix in ADAM_MOMENTS:
+                state |= {prefix + key: torch.zeros_like(state[key]) for key in residual_keys}
+            state[ADAM_COUNT] = torch.zeros((), device=next(iter(state.values())).device)
         return state
 
     # -- one outer step
@@ -124,7 +136,7 @@ class BilevelMethod(Method):
         theta = {n[len(THETA) :]: v for n, v in z.items() if n.startswith(THETA)}
         residuals: list[dict[str, Tensor]] = [{} for _ in self.branches]
         for key, value in z.items():
-            if not key.startswith(THETA):
+            if not key.startswith((THETA, *ADAM_MOMENTS, ADAM_COUNT)):
                 index, name = key.split("/", 1)
                 residuals[int(index)][name] = value
         return theta, residuals
@@ -144,6 +156,9 @@ class BilevelMethod(Method):
         def inner_step(z, batches, *, create_graph):
             theta_now, residual_list = self.split(z)
             updated = dict(z)
+            if self.adam:
+                count = round(float(z[ADAM_COUNT].detach())) + 1
+                updated[ADAM_COUNT] = torch.full_like(z[ADAM_COUNT].detach(), count)
             for index, (branch, batch) in enumerate(zip(self.branches, batches, strict=True)):
                 residual = {
                     n: v if v.requires_grad else v.detach().requires_grad_(True)
@@ -156,6 +171,17 @@ class BilevelMethod(Method):
                 grads = torch.autograd.grad(
                     loss, [residual[n] for n in names], create_graph=create_graph, allow_unused=True
                 )
+                if self.adam:  # as torch's Adam, a tensor the loss does not read (no gradient) is left alone
+                    used = {n: g for n, g in zip(names, grads, strict=True) if g is not None}
+                    keys = {name: f"{index}/{name}" for name in used}
+                    moments = tuple({n: z[prefix + keys[n]] for n in used} for prefix in ADAM_MOMENTS)
+                    current = {n: residual[n] for n in used}
+                    stepped, moments = adam_step(current, used, moments, count, self.lr)
+                    for name in used:
+                        updated[keys[name]] = stepped[name]
+                        for prefix, moment in zip(ADAM_MOMENTS, moments, strict=True):
+                            updated[prefix + keys[name]] = moment[name]
+                    continue
                 for name, grad in zip(names, grads, strict=True):
                     if grad is not None:
                         updated[f"{index}/{name}"] = residual[name] - self.lr * grad

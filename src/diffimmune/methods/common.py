@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from diffimmune.adapters.base import AdapterConfig, make_adapter
+from diffimmune.attacks.presets import WORLD_ATTACK_SETTINGS
 from diffimmune.config import StrictModel, TrainConfig, load_config
 from diffimmune.core.objective import Batch, noisy_inputs
 from diffimmune.data.sources import load_concept_data, parse_filter
@@ -37,6 +38,7 @@ from diffimmune.models.params import select_parameters
 IMMUNIZE_METHODS = ("imma", "mima", "joint", "compose", "esd", "gift", "resalign")
 INNER_METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "full")
 INNER_PREFIX = "inner."
+BILEVEL_METHODS = ("imma", "mima", "joint", "compose")  # methods/bilevel.py: adapters as the lower level
 
 # Per method: the upper-level selection, the lower-level adapter and whether it uses prior preservation,
 # as the official scripts set them (IMMA: attention + LoRA; MIMA: cross-attention + DreamBooth).
@@ -80,6 +82,7 @@ IMMUNIZE_FIELDS_ADDED = {
     "retain_states": "noised",
     "retain_sampler_steps": 25,
     "retain_guidance_scale": 4.0,
+    "inner_optimizer": "sgd",
 }
 
 
@@ -103,8 +106,16 @@ class ImmunizeConfig(StrictModel):
         default="unrolled", description="implicit: ResAlign's only (its default); it also takes first_order"
     )
     inner_method: Literal["lora", "dreambooth", "textual_inversion", "custom_diffusion", "full"] | None = None
+    inner_optimizer: Literal["sgd", "adam"] = Field(
+        default="sgd",
+        description="bi-level methods' lower-level step: SGD (the papers), or Adam with bias correction, "
+        "the attacks' optimiser (its moments are carried between outer steps with inner_warm_start)",
+    )
     inner_learning_rate: float | None = Field(
-        default=None, gt=0, description="lower-level SGD step size (default per adapter, INNER_LR)"
+        default=None,
+        gt=0,
+        description="lower-level step size (default per adapter: INNER_LR for SGD, the world attack's "
+        "learning rate for Adam)",
     )
     inner_steps: int = Field(default=1, gt=0, description="lower-level steps per outer step")
     inner_rank: int = Field(default=4, gt=0)
@@ -283,6 +294,11 @@ class ImmunizeConfig(StrictModel):
                 "retain_states sampler needs retain_loss distill: a sampler state has no clean image to "
                 "fit, only the starting model's prediction to keep"
             )
+        if self.inner_optimizer != "sgd" and self.method not in BILEVEL_METHODS:
+            raise ValueError(
+                f"inner_optimizer is read by the bi-level methods ({', '.join(BILEVEL_METHODS)}), not by "
+                f"{self.method}; remove it"
+            )
         if self.tokens is not None and len(self.tokens) != len(self.concepts):
             raise ValueError(f"tokens has {len(self.tokens)} entries for {len(self.concepts)} concepts")
         if self.tokens is not None and (self.prompt is None or "{token}" not in self.prompt):
@@ -291,7 +307,10 @@ class ImmunizeConfig(StrictModel):
 
     def resolved(self, key: str):
         if key == "inner_learning_rate" and self.inner_learning_rate is None:
-            return INNER_LR.get(self.resolved("inner_method") or "full", 1e-2)
+            inner = self.resolved("inner_method") or "full"
+            if self.inner_optimizer == "adam":
+                return WORLD_ATTACK_SETTINGS[inner]["learning_rate"]
+            return INNER_LR.get(inner, 1e-2)
         if key == "selection" and self.selection is None and self.method == "esd":
             return ESD_SELECTIONS[self.esd_variant]
         value = getattr(self, key)

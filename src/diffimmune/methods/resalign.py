@@ -49,7 +49,7 @@ from torch import Tensor
 
 from diffimmune.adapters.base import AdapterConfig, FullAdapter, LoRAAdapter, attack_adapter
 from diffimmune.config import AttackConfig
-from diffimmune.core.hypergrad import HypergradResult, ImplicitConfig, hypergradient
+from diffimmune.core.hypergrad import HypergradResult, ImplicitConfig, adam_step, hypergradient
 from diffimmune.core.objective import (
     Batch,
     diffusion_loss,
@@ -167,17 +167,19 @@ class FinetuneOptimizer:
             grads = {n: g * coefficient for n, g in grads.items()}
         if self.kind == "sgd":
             return {n: params[n] - self.learning_rate * grads[n] for n in names}
-        beta1, beta2 = self.betas
         self.count += 1
-        correction1, correction2 = 1 - beta1**self.count, 1 - beta2**self.count
-        updated = {}
-        for n in names:
-            first = beta1 * self.first_moment.get(n, 0.0) + (1 - beta1) * grads[n]
-            second = beta2 * self.second_moment.get(n, 0.0) + (1 - beta2) * grads[n] * grads[n]
-            self.first_moment[n], self.second_moment[n] = first.detach(), second.detach()
-            # Bias correction exactly once (the official code applied it twice).
-            denominator = (second / correction2).sqrt() + self.eps
-            updated[n] = params[n] - self.learning_rate * (first / correction1) / denominator
+        # Bias correction exactly once (the official code applied it twice).
+        updated, (first, second) = adam_step(
+            {n: params[n] for n in names},
+            grads,
+            (self.first_moment, self.second_moment),
+            self.count,
+            self.learning_rate,
+            self.betas,
+            self.eps,
+        )
+        self.first_moment = {n: v.detach() for n, v in first.items()}
+        self.second_moment = {n: v.detach() for n, v in second.items()}
         return updated
 
 
