@@ -357,6 +357,32 @@ def test_cli_immunize_bad_input_is_one_line(fast_world, tmp_path, arguments, mes
     assert not (out / "delta").exists()
 
 
+@pytest.mark.parametrize(
+    ("method", "field", "value"),
+    [
+        ("imma", "outer_models", "adapted"),
+        ("joint", "merge_others", "sum"),
+        ("gift", "inner_method", "lora"),
+        ("mima", "beta", 0.0),
+        ("mima", "proximal_gamma", 0.5),
+        ("resalign", "inner_warm_start", False),
+        ("esd", "max_loss", 0.3),
+    ],
+)
+def test_a_field_the_method_does_not_read_is_refused_not_ignored(method, field, value):
+    from pydantic import ValidationError
+
+    from diffimmune.methods.common import FIELD_READERS
+
+    with pytest.raises(ValidationError, match=f"{field} is read by .*, not by {method}; remove it"):
+        ImmunizeConfig(method=method, concepts=["world:shape=star"], **{field: value})
+    reader = FIELD_READERS[field][0]
+    ImmunizeConfig(method=reader, concepts=["world:shape=star"], **{field: value})  # its reader takes it
+    # A dumped config (every field written out, at its default) still loads for every method.
+    dumped = ImmunizeConfig(method=method, concepts=["world:shape=star"]).model_dump()
+    assert ImmunizeConfig(**dumped).model_dump() == dumped
+
+
 def test_cli_erase_esd_writes_a_loadable_run(fast_world, tmp_path):
     out = tmp_path / "esd"
     result = runner.invoke(

@@ -234,6 +234,7 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
         "retain_sampler_steps",
         "retain_guidance_scale",
         "outer_models",
+        "inner_optimizer",
     )
     assert not set(added) & set(immunize_key(config))  # what runs before the fields hashed
     assert immunize_key(config) == {k: v for k, v in config.model_dump(mode="json").items() if k not in added}
@@ -242,3 +243,5 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
     )
     assert immunize_key(distilled)["retain_loss"] == "distill"
     assert immunize_key(distilled)["retain_unconditional"] is True
+    adam = ImmunizeConfig(method="mima", concepts=["world:shape=star"], inner_optimizer="adam")
+    assert immunize_key(adam)["inner_optimizer"] == "adam"

@@ -40,6 +40,42 @@ INNER_METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", 
 INNER_PREFIX = "inner."
 BILEVEL_METHODS = ("imma", "mima", "joint", "compose")  # methods/bilevel.py: adapters as the lower level
 
+# Method-specific fields and the methods that read them. A config giving any other method a value other
+# than the field's default is refused, rather than run with the field silently ignored.
+_RESALIGN_FIELDS = (
+    "relearn_weight",
+    "harmful_loss",
+    "resalign_rank",
+    "proximal_gamma",
+    "richardson_steps",
+    "richardson_damping",
+    "finetune_samples",
+    "finetune_methods",
+    "finetune_learning_rates",
+    "finetune_sgd_lr_scale",
+    "finetune_steps",
+    "finetune_optimizers",
+    "finetune_data",
+)
+FIELD_READERS: dict[str, tuple[str, ...]] = {
+    "inner_method": BILEVEL_METHODS,
+    "inner_optimizer": BILEVEL_METHODS,
+    "inner_warm_start": BILEVEL_METHODS,
+    "inner_learning_rate": (*BILEVEL_METHODS, "gift"),  # GIFT: its preservation step
+    "inner_steps": (*BILEVEL_METHODS, "gift"),
+    "max_loss": (*BILEVEL_METHODS, "gift", "resalign"),
+    "retain_loss": (*BILEVEL_METHODS, "gift", "resalign"),  # ResAlign always distils (distill is its loss)
+    "merge_directions": ("mima", "compose"),
+    "merge_others": ("mima", "compose"),
+    "outer_models": ("mima", "compose"),
+    "esd_variant": ("esd",),
+    "negative_guidance": ("esd", "resalign"),  # ResAlign: its harmful_loss esd
+    "beta": ("gift",),
+    "noise_layers": ("gift",),
+    "mmd_bandwidths": ("gift",),
+    **dict.fromkeys(_RESALIGN_FIELDS, ("resalign",)),
+}
+
 # Per method: the upper-level selection, the lower-level adapter and whether it uses prior preservation,
 # as the official scripts set them (IMMA: attention + LoRA; MIMA: cross-attention + DreamBooth).
 METHOD_DEFAULTS: dict[str, dict] = {
@@ -294,11 +330,12 @@ class ImmunizeConfig(StrictModel):
                 "retain_states sampler needs retain_loss distill: a sampler state has no clean image to "
                 "fit, only the starting model's prediction to keep"
             )
-        if self.inner_optimizer != "sgd" and self.method not in BILEVEL_METHODS:
-            raise ValueError(
-                f"inner_optimizer is read by the bi-level methods ({', '.join(BILEVEL_METHODS)}), not by "
-                f"{self.method}; remove it"
-            )
+        defaults = {
+            name: info.get_default(call_default_factory=True) for name, info in self.model_fields.items()
+        }
+        for name, readers in FIELD_READERS.items():
+            if self.method not in readers and getattr(self, name) != defaults[name]:
+                raise ValueError(f"{name} is read by {', '.join(readers)}, not by {self.method}; remove it")
         if self.tokens is not None and len(self.tokens) != len(self.concepts):
             raise ValueError(f"tokens has {len(self.tokens)} entries for {len(self.concepts)} concepts")
         if self.tokens is not None and (self.prompt is None or "{token}" not in self.prompt):
