@@ -331,7 +331,8 @@ class ImmunizeConfig(StrictModel):
                 "fit, only the starting model's prediction to keep"
             )
         defaults = {
-            name: info.get_default(call_default_factory=True) for name, info in self.model_fields.items()
+            name: info.get_default(call_default_factory=True)
+            for name, info in type(self).model_fields.items()
         }
         for name, readers in FIELD_READERS.items():
             if self.method not in readers and getattr(self, name) != defaults[name]:
