@@ -265,7 +265,7 @@ def test_unrolled_through_adam_steps_matches_finite_differences_from_a_zero_grad
         ]
     ).to(DTYPE)
     assert torch.allclose(analytic, numeric, rtol=1e-5, atol=1e-8), (analytic, numeric)
-    # Adam's steps moved A only once B had left zero, and the first step moved B by about lr per entry.
+    # A's first gradient was zero; its later steps (once B had left zero) moved it.
     assert not torch.equal(result.adapted["A"], params["A"])
 
 

@@ -137,8 +137,8 @@ def adam_step(
 
     As torch.optim.Adam: bias correction applied once, eps added to the root of the corrected second
     moment. A moment missing from `moments` starts at zero. The root is taken of the second moment clamped
-    at eps^2, which changes nothing for gradients above ~eps and keeps a graph through the step finite
-    where a gradient is exactly zero (a fresh LoRA's A), where the plain root's derivative is infinite.
+    at eps^2. That changes nothing for gradients above ~eps, and it keeps a graph through the step finite
+    where a gradient is exactly zero (a fresh LoRA's A): there the plain root's derivative is infinite.
     """
     beta1, beta2 = betas
     correction1, correction2 = 1 - beta1**count, 1 - beta2**count

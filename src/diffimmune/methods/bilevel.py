@@ -181,10 +181,10 @@ class BilevelMethod(Method):
                         updated[keys[name]] = stepped[name]
                         for prefix, moment in zip(ADAM_MOMENTS, moments, strict=True):
                             updated[prefix + keys[name]] = moment[name]
-                    continue
-                for name, grad in zip(names, grads, strict=True):
-                    if grad is not None:
-                        updated[f"{index}/{name}"] = residual[name] - self.lr * grad
+                else:
+                    for name, grad in zip(names, grads, strict=True):
+                        if grad is not None:
+                            updated[f"{index}/{name}"] = residual[name] - self.lr * grad
             return updated
 
         view_terms: dict[str, list[float]] = {}  # the upper loss's terms, per view

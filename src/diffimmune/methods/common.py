@@ -330,12 +330,11 @@ class ImmunizeConfig(StrictModel):
                 "retain_states sampler needs retain_loss distill: a sampler state has no clean image to "
                 "fit, only the starting model's prediction to keep"
             )
-        defaults = {
-            name: info.get_default(call_default_factory=True)
-            for name, info in type(self).model_fields.items()
-        }
+        fields = type(self).model_fields
         for name, readers in FIELD_READERS.items():
-            if self.method not in readers and getattr(self, name) != defaults[name]:
+            if self.method in readers:
+                continue
+            if getattr(self, name) != fields[name].get_default(call_default_factory=True):
                 raise ValueError(f"{name} is read by {', '.join(readers)}, not by {self.method}; remove it")
         if self.tokens is not None and len(self.tokens) != len(self.concepts):
             raise ValueError(f"tokens has {len(self.tokens)} entries for {len(self.concepts)} concepts")

@@ -170,7 +170,7 @@ class FinetuneOptimizer:
         self.count += 1
         # Bias correction exactly once (the official code applied it twice).
         updated, (first, second) = adam_step(
-            {n: params[n] for n in names},
+            params,
             grads,
             (self.first_moment, self.second_moment),
             self.count,
