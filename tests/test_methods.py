@@ -88,6 +88,8 @@ def outer_value(method, params, seed):
         ("mima", {"inner_method": "lora", "inner_learning_rate": 1e-2, "outer_models": "merged_and_adapted"}),
         # Adam adversaries: the graph runs through the moments of the step's own inner steps
         ("mima", {"inner_method": "lora", "inner_optimizer": "adam", "inner_steps": 2}),
+        # one adversary of each kind, each scored on its own adapted model, each at its own step size
+        ("imma", {"inner_method": ["lora", "dreambooth"], "inner_learning_rate": [1e-1, 1e-2]}),
     ],
 )
 def test_unrolled_hypergradient_matches_central_finite_differences(
@@ -157,6 +159,64 @@ def test_mima_outer_models_score_the_merged_and_each_adversarys_own_model(
         own_metrics = {k: v for k, v in output.metrics.items() if k.startswith("target_loss_own_")}
         assert sorted(own_metrics) == ["target_loss_own_square", "target_loss_own_star"]
         assert own_metrics["target_loss_own_star"] == pytest.approx(calls[-2][2], rel=1e-6)
+
+
+@pytest.mark.parametrize("method_name", ["imma", "mima"])
+def test_several_adversary_kinds_each_train_at_their_own_rate_and_are_scored_on_their_own_model(
+    world_model, tmp_path, method_name
+):
+    world = model_world(world_model)
+    kinds = ["lora", "dreambooth"]
+    concepts = ["star"] if method_name == "imma" else ["star", "square"]
+    residuals = []
+    for rates in ([0.5, 1e-2], [1.0, 1e-2]):  # the LoRA adversary's rate doubles, DreamBooth's stays
+        overrides = {"outer_models": "adapted"} if method_name == "mima" else {}
+        config = small_config(
+            method_name, concepts, inner_method=kinds, inner_learning_rate=rates, hypergradient="first_order",
+            **overrides,
+        )  # fmt: skip
+        method = method_registry()[method_name](Context(world_model, config, tmp_path, world))
+        assert [(b.label, b.lr) for b in method.branches] == (
+            list(zip(kinds, rates, strict=True))
+            if method_name == "imma"
+            else [(f"{c}_{k}", r) for c in concepts for k, r in zip(kinds, rates, strict=True)]
+        )
+        named = world_model.named_parameters()
+        params = {n: named[n].detach().clone().requires_grad_(True) for n in method.theta_names}
+        params |= {f"inner.{k}": v for k, v in method.inner_state().items()}
+        output = method.step(params, 0, torch.Generator().manual_seed(5))
+        own = sorted(k for k in output.metrics if k.startswith("target_loss_own_"))
+        assert own == sorted(f"target_loss_own_{b.label}" for b in method.branches)
+        residuals.append({k[len("inner.") :]: v.clone() for k, v in params.items() if k.startswith("inner.")})
+    # One step from a zero residual is -rate * gradient: each branch moved by its own rate only.
+    for key in residuals[0]:
+        branch = method.branches[int(key.split("/")[0])]
+        first, second = residuals[0][key], residuals[1][key]
+        if not first.abs().sum():
+            continue  # e.g. LoRA's A: B = 0 gives it no gradient on the first step
+        scale = 2.0 if branch.label.endswith("lora") else 1.0
+        torch.testing.assert_close(second, scale * first, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"method": "mima", "inner_method": ["lora", "dreambooth"]}, "need outer_models adapted"),
+        ({"method": "compose", "inner_method": ["lora", "full"]}, "give it one inner_method"),
+        ({"method": "imma", "inner_method": ["lora", "lora"]}, "names an adapter twice"),
+        ({"method": "imma", "inner_method": []}, "empty list"),
+        (
+            {"method": "imma", "inner_method": ["lora", "full"], "inner_learning_rate": [1e-3]},
+            "1 entries for 2",
+        ),
+        ({"method": "imma", "inner_learning_rate": [1e-3, 1e-4]}, "2 entries for 1"),
+    ],
+)
+def test_adversary_lists_that_cannot_run_are_refused(overrides, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        ImmunizeConfig(concepts=["world:shape=star"], **overrides)
 
 
 def test_target_metrics_report_each_view_and_the_terms_still_pushing():
@@ -330,10 +390,27 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
     assert (out / "retain_states.safetensors").is_file()
 
 
+def test_cli_immunize_takes_one_adversary_of_each_kind(fast_world, tmp_path):
+    out = tmp_path / "run"
+    arguments = [
+        "immunize", "--model", str(fast_world[1].model_dir), "--method", "imma", "--concepts", "star",
+        "--steps", "1", "--hypergradient", "first_order", "--inner-method", "lora,dreambooth",
+        "--inner-learning-rate", "0.5,1e-2", "--out", str(out),
+    ]  # fmt: skip
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "immunize.json").read_text())
+    config = record.get("config", record)
+    assert config["inner_method"] == ["lora", "dreambooth"] and config["inner_learning_rate"] == [0.5, 1e-2]
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert {"target_loss_own_lora", "target_loss_own_dreambooth"} <= set(metrics[-1])
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
         (["--method", "nope", "--concepts", "star"], "method"),
+        (["--method", "imma", "--concepts", "star", "--inner-learning-rate", "fast"], "inner_learning_rate"),
         (["--method", "imma"], "--concepts is missing"),
         (["--method", "imma", "--concepts", "unicorn"], "world has no shape 'unicorn'"),
         (["--method", "imma", "--concepts", "star", "--hypergradient", "sideways"], "hypergradient"),

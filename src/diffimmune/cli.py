@@ -320,6 +320,11 @@ def split_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+def one_or_list(parts: list[str]) -> str | list[str] | None:
+    """A comma-separated option's parts: None when empty, the one value, or the list."""
+    return None if not parts else parts[0] if len(parts) == 1 else parts
+
+
 def concept_specs(concepts: str, data: str | None, world) -> list[str]:
     """`star,heart` -> data strings: world:shape=star on a world model, DATA::shape=star with --data."""
     from diffimmune.data.sources import concept_spec
@@ -451,13 +456,19 @@ def immunize(
     steps: Annotated[int | None, typer.Option(min=1, help="outer steps")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="outer learning rate")] = None,
     inner_method: Annotated[
-        str | None, typer.Option(help="lora, dreambooth, textual_inversion, custom_diffusion, full")
+        str | None,
+        typer.Option(
+            help="lora, dreambooth, textual_inversion, custom_diffusion, full; comma-separated for one "
+            "adversary of each kind (lora,dreambooth)"
+        ),
     ] = None,
     inner_optimizer: Annotated[
         str | None,
         typer.Option(help="bi-level methods' lower level: sgd (the papers) or adam (the attacks')"),
     ] = None,
-    inner_learning_rate: Annotated[float | None, typer.Option(help="lower-level step size")] = None,
+    inner_learning_rate: Annotated[
+        str | None, typer.Option(help="lower-level step size; comma-separated, one per --inner-method kind")
+    ] = None,
     inner_steps: Annotated[int | None, typer.Option(min=1, help="lower-level steps per outer step")] = None,
     selection: Annotated[
         str | None, typer.Option(help="released tensors to train (attn, xattn, ...)")
@@ -522,9 +533,9 @@ def immunize(
         "hypergradient": hypergradient,
         "steps": steps,
         "learning_rate": learning_rate,
-        "inner_method": inner_method,
+        "inner_method": one_or_list(split_list(inner_method)),
         "inner_optimizer": inner_optimizer,
-        "inner_learning_rate": inner_learning_rate,
+        "inner_learning_rate": one_or_list(split_list(inner_learning_rate)),
         "inner_steps": inner_steps,
         "selection": selection,
         "prompt": prompt,

@@ -45,6 +45,8 @@ class Branch:
     adapter: object
     concepts: list[int]
     base_names: list[str]
+    lr: float  # its lower-level step size
+    label: str = ""  # names its own adapted model in the step's metrics (target_loss_own_<label>)
 
 
 class BilevelMethod(Method):
@@ -58,7 +60,6 @@ class BilevelMethod(Method):
         named = self.model.named_parameters()
         needed = {n for branch in self.branches for n in branch.base_names} | set(self.extra_base_names())
         self.frozen = {n: named[n].detach() for n in needed if n not in set(self.theta_names)}
-        self.lr = self.config.resolved("inner_learning_rate")
         self.adam = self.config.inner_optimizer == "adam"
 
     # -- what subclasses decide
@@ -78,6 +79,17 @@ class BilevelMethod(Method):
         """Every model the upper loss is read on, each with the concepts whose target batches score it
         and a name for the step's metrics: by default the one model of `outer_params`, on every concept."""
         return [(self.outer_params(theta, adapted), list(range(len(self.context.concepts))), "model")]
+
+    def own_views(self, adapted: list[dict[str, Tensor]]) -> list[tuple[dict[str, Tensor], list[int], str]]:
+        """Each branch's own adapted model, scored on the branch's concepts."""
+        return [
+            (params, branch.concepts, "own_" + branch.label)
+            for params, branch in zip(adapted, self.branches, strict=True)
+        ]
+
+    def adapter_kinds(self) -> list[tuple[str, float]]:
+        """The lower level's adapters and their step sizes: one adversary of each per branch."""
+        return list(zip(self.config.inner_methods(), self.config.inner_learning_rates(), strict=True))
 
     def outer_loss(
         self, params: dict[str, Tensor], batches: list[Batch], generator, terms: list[float] | None = None
@@ -176,7 +188,7 @@ class BilevelMethod(Method):
                     keys = {name: f"{index}/{name}" for name in used}
                     moments = tuple({n: z[prefix + keys[n]] for n in used} for prefix in ADAM_MOMENTS)
                     current = {n: residual[n] for n in used}
-                    stepped, moments = adam_step(current, used, moments, count, self.lr)
+                    stepped, moments = adam_step(current, used, moments, count, branch.lr)
                     for name in used:
                         updated[keys[name]] = stepped[name]
                         for prefix, moment in zip(ADAM_MOMENTS, moments, strict=True):
@@ -184,7 +196,7 @@ class BilevelMethod(Method):
                 else:
                     for name, grad in zip(names, grads, strict=True):
                         if grad is not None:
-                            updated[f"{index}/{name}"] = residual[name] - self.lr * grad
+                            updated[f"{index}/{name}"] = residual[name] - branch.lr * grad
             return updated
 
         view_terms: dict[str, list[float]] = {}  # the upper loss's terms, per view

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveFloat, model_validator
 from torch import Tensor
 
 from diffimmune.adapters.base import AdapterConfig, make_adapter
@@ -38,6 +38,7 @@ from diffimmune.models.params import select_parameters
 IMMUNIZE_METHODS = ("imma", "mima", "joint", "compose", "esd", "gift", "resalign")
 INNER_METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "full")
 INNER_PREFIX = "inner."
+InnerMethod = Literal["lora", "dreambooth", "textual_inversion", "custom_diffusion", "full"]
 BILEVEL_METHODS = ("imma", "mima", "joint", "compose")  # methods/bilevel.py: adapters as the lower level
 
 # Method-specific fields and the methods that read them. A config giving any other method a value other
@@ -141,17 +142,21 @@ class ImmunizeConfig(StrictModel):
     hypergradient: Literal["first_order", "unrolled", "implicit"] = Field(
         default="unrolled", description="implicit: ResAlign's only (its default); it also takes first_order"
     )
-    inner_method: Literal["lora", "dreambooth", "textual_inversion", "custom_diffusion", "full"] | None = None
+    inner_method: InnerMethod | list[InnerMethod] | None = Field(
+        default=None,
+        description="the lower level's adapter (method default); a list puts one adversary of each kind "
+        "in every branch (IMMA/Joint: one per kind; MIMA: one per concept and kind, with outer_models "
+        "adapted), each scored on its own adapted model",
+    )
     inner_optimizer: Literal["sgd", "adam"] = Field(
         default="sgd",
         description="bi-level methods' lower-level step: SGD (the papers), or Adam with bias correction, "
         "the attacks' optimiser (its moments are carried between outer steps with inner_warm_start)",
     )
-    inner_learning_rate: float | None = Field(
+    inner_learning_rate: PositiveFloat | list[PositiveFloat] | None = Field(
         default=None,
-        gt=0,
         description="lower-level step size (default per adapter: INNER_LR for SGD, the world attack's "
-        "learning rate for Adam)",
+        "learning rate for Adam); with a list of inner_method, one per adapter or one for all",
     )
     inner_steps: int = Field(default=1, gt=0, description="lower-level steps per outer step")
     inner_rank: int = Field(default=4, gt=0)
@@ -342,12 +347,53 @@ class ImmunizeConfig(StrictModel):
             raise ValueError("tokens need a prompt template containing {token}")
         return self
 
+    @model_validator(mode="after")
+    def _adversaries(self):
+        methods, rates = self.inner_method, self.inner_learning_rate
+        if isinstance(methods, list):
+            if not methods:
+                raise ValueError("inner_method is an empty list; name at least one adapter")
+            if len(set(methods)) != len(methods):
+                raise ValueError(f"inner_method names an adapter twice: {methods}")
+            if len(methods) > 1 and self.method == "compose":
+                raise ValueError("compose's adversaries adapt K/V only; give it one inner_method")
+            if len(methods) > 1 and self.method == "mima" and self.outer_models != "adapted":
+                raise ValueError(
+                    "several inner_method adapters need outer_models adapted for mima: the merge takes "
+                    "one adapted model per concept"
+                )
+        if isinstance(rates, list):
+            count = len(self.inner_methods())
+            if len(rates) != count:
+                raise ValueError(
+                    f"inner_learning_rate has {len(rates)} entries for {count} inner_method adapter(s); "
+                    "give one per adapter, or one number for all"
+                )
+        return self
+
+    def inner_methods(self) -> list[str]:
+        """The lower level's adapters in order: one, or every entry of a list-valued inner_method."""
+        value = self.resolved("inner_method")
+        return list(value) if isinstance(value, list) else [value or "full"]
+
+    def inner_learning_rates(self) -> list[float]:
+        """Each adapter's lower-level step size, in `inner_methods` order (default per adapter: INNER_LR
+        for SGD, the world attack's learning rate for Adam)."""
+        methods, rates = self.inner_methods(), self.inner_learning_rate
+        if isinstance(rates, list):
+            return list(rates)
+        if rates is not None:
+            return [rates] * len(methods)
+        if self.inner_optimizer == "adam":
+            return [WORLD_ATTACK_SETTINGS[m]["learning_rate"] for m in methods]
+        return [INNER_LR.get(m, 1e-2) for m in methods]
+
     def resolved(self, key: str):
-        if key == "inner_learning_rate" and self.inner_learning_rate is None:
-            inner = self.resolved("inner_method") or "full"
-            if self.inner_optimizer == "adam":
-                return WORLD_ATTACK_SETTINGS[inner]["learning_rate"]
-            return INNER_LR.get(inner, 1e-2)
+        if key == "inner_learning_rate":
+            rates = self.inner_learning_rates()
+            if len(rates) > 1:
+                raise ValueError("several inner_method adapters: read inner_learning_rates()")
+            return rates[0]
         if key == "selection" and self.selection is None and self.method == "esd":
             return ESD_SELECTIONS[self.esd_variant]
         value = getattr(self, key)
@@ -538,9 +584,10 @@ class Context:
         prior = self.prior if with_prior else None
         return concept.batch(self.config.batch_size, generator, prior, self.config.prior_weight)
 
-    def adapter(self, concept_index: int = 0):
-        """The lower level's adapter; personalising ones learn concept `concept_index`'s token."""
-        name = self.config.resolved("inner_method")
+    def adapter(self, concept_index: int = 0, name: str | None = None):
+        """The lower level's adapter `name` (default: the first of `inner_methods`); personalising ones
+        learn concept `concept_index`'s token."""
+        name = name or self.config.inner_methods()[0]
         return make_adapter(
             name,
             AdapterConfig(

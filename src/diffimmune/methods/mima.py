@@ -7,7 +7,8 @@ two baselines.
   adversary's change); the released cross-attention weights maximise the
   summed target loss *of the merged model*, differentiated through the merge (with `outer_models:
   merged_and_adapted`, plus each concept's loss on its own adversary's adapted model, unmerged; with
-  `adapted`, only those: IMMA with one adversary per concept, the control that isolates the merge).
+  `adapted`, only those: IMMA with one adversary per concept, the control that isolates the merge; there
+  a list-valued `inner_method` gives every concept one adversary of each kind).
 - **joint**: IMMA with a DreamBooth adversary on all concepts' data pooled.
 - **compose**: only cross-attention K/V are adapted (one adversary per concept) and merged; everything
   else stays frozen.
@@ -104,14 +105,18 @@ class MIMA(BilevelMethod):
     def extra_base_names(self) -> list[str]:
         return self.kv_names
 
-    def branch_adapter(self, index: int):
-        return self.context.adapter(index)
+    def branch_adapter(self, index: int, name: str):
+        return self.context.adapter(index, name)
 
     def make_branches(self) -> list[Branch]:
+        """One adversary per concept, or with a list-valued inner_method one per concept and adapter."""
+        kinds = self.adapter_kinds()
         branches = []
-        for index in range(len(self.context.concepts)):
-            adapter = self.branch_adapter(index)
-            branches.append(Branch(adapter, [index], adapter.base_names(self.model)))
+        for index, concept in enumerate(self.context.concepts):
+            for name, lr in kinds:
+                adapter = self.branch_adapter(index, name)
+                label = concept.word if len(kinds) == 1 else f"{concept.word}_{name}"
+                branches.append(Branch(adapter, [index], adapter.base_names(self.model), lr, label))
         return branches
 
     def outer_params(self, theta, adapted):
@@ -131,14 +136,7 @@ class MIMA(BilevelMethod):
         return merged
 
     def outer_views(self, theta, adapted):
-        own = [
-            (
-                params,
-                branch.concepts,
-                "own_" + "_".join(self.context.concepts[c].word for c in branch.concepts),
-            )
-            for params, branch in zip(adapted, self.branches, strict=True)
-        ]
+        own = self.own_views(adapted)
         if self.config.outer_models == "adapted":
             return own
         merged = [(params, scored, "merged") for params, scored, _ in super().outer_views(theta, adapted)]
@@ -156,5 +154,5 @@ class Compose(MIMA):
 
     name = "compose"
 
-    def branch_adapter(self, index: int):
+    def branch_adapter(self, index: int, name: str):
         return FullAdapter(AdapterConfig(selection="xattn_kv", seed=self.config.seed))
