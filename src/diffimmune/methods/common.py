@@ -36,9 +36,8 @@ from diffimmune.models.diffusion_model import RUN_DELTA
 from diffimmune.models.params import select_parameters
 
 IMMUNIZE_METHODS = ("imma", "mima", "joint", "compose", "esd", "gift", "resalign")
-INNER_METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion", "full")
+InnerMethod = Literal["lora", "dreambooth", "textual_inversion", "custom_diffusion", "full"]  # the adapters
 INNER_PREFIX = "inner."
-InnerMethod = Literal["lora", "dreambooth", "textual_inversion", "custom_diffusion", "full"]
 BILEVEL_METHODS = ("imma", "mima", "joint", "compose")  # methods/bilevel.py: adapters as the lower level
 
 # Method-specific fields and the methods that read them. A config giving any other method a value other

@@ -1,10 +1,10 @@
 """IMMA (Zheng & Yeh, "IMMA: Immunizing text-to-image Models against Malicious Adaptation", ECCV 2024).
 
 One adversary (LoRA on the attention layers by default; DreamBooth, Textual Inversion or Custom
-Diffusion on request; with a list of them, one of each, every one scored on its own adapted model) adapts
-to the target data; the released attention weights are updated to maximise
+Diffusion on request) adapts to the target data; the released attention weights are updated to maximise
 the diffusion loss of the *adapted* model on fresh target data. Several target concepts are pooled into
-one adversary (that is MIMA's "Joint" baseline when the adversary is DreamBooth).
+one adversary (that is MIMA's "Joint" baseline when the adversary is DreamBooth). With a list of adapters
+there is one adversary of each kind, each scored on its own adapted model.
 """
 
 from __future__ import annotations
