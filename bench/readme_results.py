@@ -190,6 +190,7 @@ def main() -> None:
             "IMMA on the whole denoiser (distill 20) against heart and moon",
             "IMMA on the whole denoiser (distill 5, unconditional kept) against heart and moon",
             "one LoRA adversary per target, no merge (distill 5, unconditional kept) against heart and moon",
+            "Adam adversaries per target, LoRA or LoRA + DreamBooth (otherwise as above) against heart and moon",
         )
         for title, rows in zip(titles, markdown_tables(personalisation.read_text()), strict=False):
             link = "([docs/personalisation](docs/personalisation/README.md))"
