@@ -368,18 +368,23 @@ def test_cli_immunize_writes_a_delta_and_an_export_that_diffusers_loads(fast_wor
     )
 
 
-def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
-    out = tmp_path / "run"
+def cli_one_step_imma(fast_world, out, *flags: str) -> dict:
+    """`diffimmune immunize` one first-order IMMA step on the star with `flags`; the run's recorded config."""
     arguments = [
         "immunize", "--model", str(fast_world[1].model_dir), "--method", "imma", "--concepts", "star",
-        "--steps", "1", "--hypergradient", "first_order", "--retain-weight", "5",
-        "--retain-loss", "distill", "--retain-unconditional", "--retain-sampling", "hard",
-        "--retain-states", "sampler", "--out", str(out),
+        "--steps", "1", "--hypergradient", "first_order", *flags, "--out", str(out),
     ]  # fmt: skip
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "immunize.json").read_text())
-    config = record.get("config", record)
+    return record.get("config", record)
+
+
+def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--retain-weight", "5", "--retain-loss", "distill", "--retain-unconditional"]
+    flags += ["--retain-sampling", "hard", "--retain-states", "sampler"]
+    config = cli_one_step_imma(fast_world, out, *flags)
     assert (
         config["retain_weight"] == 5.0
         and config["retain_loss"] == "distill"
@@ -392,15 +397,9 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
 
 def test_cli_immunize_takes_one_adversary_of_each_kind(fast_world, tmp_path):
     out = tmp_path / "run"
-    arguments = [
-        "immunize", "--model", str(fast_world[1].model_dir), "--method", "imma", "--concepts", "star",
-        "--steps", "1", "--hypergradient", "first_order", "--inner-method", "lora,dreambooth",
-        "--inner-learning-rate", "0.5,1e-2", "--out", str(out),
-    ]  # fmt: skip
-    result = runner.invoke(app, arguments)
-    assert result.exit_code == 0, result.output
-    record = json.loads((out / "immunize.json").read_text())
-    config = record.get("config", record)
+    config = cli_one_step_imma(
+        fast_world, out, "--inner-method", "lora,dreambooth", "--inner-learning-rate", "0.5,1e-2"
+    )
     assert config["inner_method"] == ["lora", "dreambooth"] and config["inner_learning_rate"] == [0.5, 1e-2]
     metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert {"target_loss_own_lora", "target_loss_own_dreambooth"} <= set(metrics[-1])
