@@ -287,6 +287,47 @@ def test_retain_unconditional_also_distils_the_empty_prompt_predictions(world_mo
     assert parts[1] > 0 and not torch.allclose(parts[0], parts[1], rtol=1e-2)
 
 
+@pytest.mark.parametrize("method_name", ["imma", "gift", "resalign"])
+def test_retain_loss_guided_distils_the_guided_predictions(world_model, tmp_path, method_name):
+    from diffimmune.core.objective import distillation_loss, sample_noise_and_timesteps
+
+    config = small_config(method_name, retain_weight=1.0, retain_loss="guided", retain_guidance_scale=3.0)
+    context = Context(world_model, config, tmp_path, model_world(world_model))
+    method = method_registry()[method_name](context)
+    named = world_model.named_parameters()
+    generator = torch.Generator().manual_seed(0)
+    theta = {
+        n: named[n].detach() + 0.02 * torch.randn(named[n].shape, generator=generator)
+        for n in method.theta_names
+    }
+    batch = context.batch(context.retain, torch.Generator().manual_seed(7), with_prior=False)
+    batch.noise = torch.randn(batch.x0.shape, generator=generator)
+    batch.timesteps = torch.randint(0, 1000, (len(batch),), generator=generator)
+    if method_name == "gift":  # its preservation step reads the safe batch it is handed
+        loss = method.safe_loss(theta, batch)
+    else:  # the method's own draw, replayed by hand below
+        loss = method.retain_loss(theta, torch.Generator().manual_seed(7))
+        replay = torch.Generator().manual_seed(7)
+        batch = context.batch(context.retain, replay, with_prior=False)
+        if method_name == "resalign":
+            batch = method.fixed_draws(batch, replay)
+        batch.noise, batch.timesteps = sample_noise_and_timesteps(world_model, batch, replay)
+    expected = distillation_loss(world_model, theta, batch, guidance_scale=3.0)
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert not torch.allclose(loss, distillation_loss(world_model, theta, batch), rtol=1e-2)
+
+
+def test_retain_loss_guided_refuses_a_second_unconditional_term():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="remove retain_unconditional"):
+        small_config("imma", retain_loss="guided", retain_unconditional=True)
+    assert (
+        small_config("imma", retain_loss="guided", retain_states="sampler").retain_distill_guidance() == 4.0
+    )
+    assert small_config("imma", retain_loss="distill").retain_distill_guidance() is None
+
+
 def test_a_folder_of_another_immunization_is_never_resumed_as_this_one(world_model, fast_world, tmp_path):
     import json
 
@@ -393,6 +434,12 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
         and config["retain_states"] == "sampler"
     )
     assert (out / "retain_states.safetensors").is_file()
+
+
+def test_cli_immunize_retain_loss_guided_reaches_the_run(fast_world, tmp_path):
+    flags = ["--retain-weight", "2", "--retain-loss", "guided", "--retain-guidance-scale", "3"]
+    config = cli_one_step_imma(fast_world, tmp_path / "run", *flags)
+    assert config["retain_loss"] == "guided" and config["retain_guidance_scale"] == 3.0
 
 
 def test_cli_immunize_takes_one_adversary_of_each_kind(fast_world, tmp_path):

@@ -490,7 +490,8 @@ def immunize(
     retain_loss: Annotated[
         str | None,
         typer.Option(
-            help="diffusion (fit the retain images) or distill (keep the starting model's predictions)"
+            help="diffusion (fit the retain images), distill (keep the starting model's predictions) or "
+            "guided (keep its guided predictions, at --retain-guidance-scale)"
         ),
     ] = None,
     retain_unconditional: Annotated[
@@ -508,8 +509,12 @@ def immunize(
         str | None,
         typer.Option(
             help="noised (the retain images at random timesteps) or sampler (the starting model's own "
-            "sampling trajectories on the retain prompts; needs --retain-loss distill)"
+            "sampling trajectories on the retain prompts; needs --retain-loss distill or guided)"
         ),
+    ] = None,
+    retain_guidance_scale: Annotated[
+        float | None,
+        typer.Option(help="guidance of --retain-loss guided and of the --retain-states sampler (default 4)"),
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
@@ -548,6 +553,7 @@ def immunize(
         "retain_unconditional": retain_unconditional,
         "retain_sampling": retain_sampling,
         "retain_states": retain_states,
+        "retain_guidance_scale": retain_guidance_scale,
     }
     if concepts is not None:
         flags["concepts"] = concept_specs(concepts, data, model_world(diffusion_model))

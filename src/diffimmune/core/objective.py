@@ -184,14 +184,33 @@ def distillation_loss(
     params: dict[str, Tensor] | None,
     batch: Batch,
     generator: torch.Generator | None = None,
+    guidance_scale: float | None = None,
 ) -> Tensor:
     """Mean squared distance between the denoiser's predictions under `params` and the model's own
     (frozen) predictions on the same noisy samples of `batch` (no prior term). A retain loss that keeps
     the model's function on the retain data, not only its fit to the images. A `noisy` batch is read
-    at its own states and timesteps."""
+    at its own states and timesteps.
+
+    With `guidance_scale` s, the distance is between the classifier-free-guided predictions
+    uncond + s (cond - uncond), each sample read under its prompt and under the empty prompt at the same
+    state: the prediction the sampler steps with, in which a drift of the difference between the two
+    halves counts s times."""
     x_t, timesteps = noisy_inputs(model, batch, generator)
+    prompts = list(batch.prompts)
+    if guidance_scale is not None:  # both halves on the same states, in one pass
+        x_t, timesteps = torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps])
+        prompts += [""] * len(batch)
     with torch.no_grad():
-        target = model.denoise(None, x_t, timesteps, model.encode_prompts(batch.prompts))
-    prediction = model.denoise(params, x_t, timesteps, model.encode_prompts(batch.prompts, params))
+        target = model.denoise(None, x_t, timesteps, model.encode_prompts(prompts))
+    prediction = model.denoise(params, x_t, timesteps, model.encode_prompts(prompts, params))
+    if guidance_scale is not None:
+        target, prediction = guided(target, guidance_scale), guided(prediction, guidance_scale)
     precision = torch.promote_types(prediction.dtype, torch.float32)
     return (prediction.to(precision) - target.to(precision)).pow(2).mean()
+
+
+def guided(prediction: Tensor, scale: float) -> Tensor:
+    """uncond + scale (cond - uncond) from a prediction whose first half is conditional and second half
+    unconditional (the order `distillation_loss` stacks them in)."""
+    cond, uncond = prediction.chunk(2)
+    return uncond + scale * (cond - uncond)

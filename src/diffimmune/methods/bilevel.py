@@ -270,9 +270,10 @@ class BilevelMethod(Method):
         batch = self.context.batch(self.context.retain_pool, generator, with_prior=False)
         if self.config.retain_unconditional:
             batch = with_null_prompts(self.model, batch, generator)
-        if self.config.retain_loss == "distill":  # keep the starting model's predictions, not just the fit
-            return distillation_loss(self.model, theta, batch, generator)
-        return diffusion_loss(self.model, theta, batch, generator)
+        if self.config.retain_loss == "diffusion":
+            return diffusion_loss(self.model, theta, batch, generator)
+        # keep the starting model's predictions, not just the fit (guided: as the sampler combines them)
+        return distillation_loss(self.model, theta, batch, generator, self.config.retain_distill_guidance())
 
 
 def target_metrics(view_terms: dict[str, list[float]], max_loss: float | None) -> dict[str, float]:

@@ -28,7 +28,7 @@ from torch import Tensor
 from diffimmune.adapters.base import AdapterConfig, make_adapter
 from diffimmune.attacks.presets import WORLD_ATTACK_SETTINGS
 from diffimmune.config import StrictModel, TrainConfig, load_config
-from diffimmune.core.objective import Batch, noisy_inputs
+from diffimmune.core.objective import Batch, guided, noisy_inputs
 from diffimmune.data.sources import load_concept_data, parse_filter
 from diffimmune.errors import DiffImmuneError
 from diffimmune.files import ensure_writable_folder, replace_other_run, write_json_atomic
@@ -64,7 +64,7 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "inner_learning_rate": (*BILEVEL_METHODS, "gift"),  # GIFT: its preservation step
     "inner_steps": (*BILEVEL_METHODS, "gift"),
     "max_loss": (*BILEVEL_METHODS, "gift", "resalign"),
-    "retain_loss": (*BILEVEL_METHODS, "gift", "resalign"),  # ResAlign always distils (distill is its loss)
+    "retain_loss": (*BILEVEL_METHODS, "gift", "resalign"),  # ResAlign always distils; guided changes how
     "merge_directions": ("mima", "compose"),
     "merge_others": ("mima", "compose"),
     "outer_models": ("mima", "compose"),
@@ -170,10 +170,12 @@ class ImmunizeConfig(StrictModel):
         default=None, description="data the model must keep (default on the world: every other known shape)"
     )
     retain_weight: float = Field(default=0.0, ge=0, description="weight of the retain loss (0: off)")
-    retain_loss: Literal["diffusion", "distill"] = Field(
+    retain_loss: Literal["diffusion", "distill", "guided"] = Field(
         default="diffusion",
         description="bi-level methods' retain loss and GIFT's preservation step: the diffusion loss on the "
-        "retain data, or distillation of the starting model's predictions on them (ResAlign always distils)",
+        "retain data, distillation of the starting model's predictions on them (ResAlign always distils), "
+        "or guided: distillation of the classifier-free-guided prediction uncond + s (cond - uncond) at "
+        "s = retain_guidance_scale, the prediction the sampler steps with",
     )
     retain_unconditional: bool = Field(
         default=False,
@@ -198,7 +200,10 @@ class ImmunizeConfig(StrictModel):
         default=25, gt=0, description="retain_states sampler: DDIM steps of the recorded trajectories"
     )
     retain_guidance_scale: float = Field(
-        default=4.0, ge=1.0, description="retain_states sampler: classifier-free guidance of the trajectories"
+        default=4.0,
+        ge=1.0,
+        description="classifier-free guidance of the retain_states sampler's trajectories and of retain_loss "
+        "guided (default: the evaluation's)",
     )
     reg_prompts: int = Field(default=200, gt=0, description="regularisation prompts of the merge")
     merge_directions: int = Field(default=3, gt=0, description="constraint directions per concept")
@@ -329,10 +334,15 @@ class ImmunizeConfig(StrictModel):
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of retain_refresh "
                 f"({self.retain_refresh}) so that a resumed run re-measures the drift where the first did"
             )
-        if self.retain_states == "sampler" and self.retain_loss != "distill" and self.method != "resalign":
+        if self.retain_states == "sampler" and self.retain_loss == "diffusion" and self.method != "resalign":
             raise ValueError(
-                "retain_states sampler needs retain_loss distill: a sampler state has no clean image to "
-                "fit, only the starting model's prediction to keep"
+                "retain_states sampler needs retain_loss distill or guided: a sampler state has no clean "
+                "image to fit, only the starting model's prediction to keep"
+            )
+        if self.retain_loss == "guided" and self.retain_unconditional:
+            raise ValueError(
+                "retain_loss guided already keeps the empty-prompt predictions (inside the guided one); "
+                "remove retain_unconditional"
             )
         fields = type(self).model_fields
         for name, readers in FIELD_READERS.items():
@@ -369,6 +379,11 @@ class ImmunizeConfig(StrictModel):
                     "give one per adapter, or one number for all"
                 )
         return self
+
+    def retain_distill_guidance(self) -> float | None:
+        """The guidance scale the retain distillation compares predictions at (retain_loss guided), else
+        None: the conditional predictions as they are."""
+        return self.retain_guidance_scale if self.retain_loss == "guided" else None
 
     def inner_methods(self) -> list[str]:
         """The lower level's adapters in order: one, or every entry of a list-valued inner_method."""
@@ -558,6 +573,9 @@ class Context:
             self._retain_probe = (x_t, timesteps, self._retain_predictions(None, x_t, timesteps))
         x_t, timesteps, reference = self._retain_probe
         found = self._retain_predictions(released, x_t, timesteps)
+        scale = self.config.retain_distill_guidance()
+        if scale is not None:  # the drift the guided retain loss measures
+            found, reference = ([guided(torch.cat(halves), scale)] for halves in (found, reference))
         drift = sum((a - b).pow(2).flatten(1).mean(1) for a, b in zip(found, reference, strict=True))
         uniform = torch.full_like(drift, 1.0 / len(drift))
         total = drift.sum()
@@ -565,7 +583,8 @@ class Context:
 
     def _retain_predictions(self, params, x_t: Tensor, timesteps: Tensor, chunk: int = 32) -> list[Tensor]:
         prompts = self.retain_pool.prompts
-        halves = [prompts, [""] * len(prompts)] if self.config.retain_unconditional else [prompts]
+        both = self.config.retain_unconditional or self.config.retain_loss == "guided"
+        halves = [prompts, [""] * len(prompts)] if both else [prompts]
         found = []
         with torch.no_grad():
             for texts in halves:

@@ -34,7 +34,8 @@ What diffimmune does:
 - the default selection is the cross-attention (`xattn`), as in the paper; `attn` and `unet` work too.
   `inner_method`, `inner_rank` and `inner_warm_start` do not apply (no adversary; the lower level *is*
   the retain loss); `retain_loss: distill` makes the preservation step distil the starting model's
-  predictions on the safe data instead of fitting their images (no prior term);
+  predictions on the safe data instead of fitting their images (no prior term), and
+  `retain_loss: guided` distils their classifier-free-guided combination;
 - `retain_weight` (default 0, the paper) adds the same safe loss, on a fresh safe batch, to U at the
   preserved weights: a diffimmune extension. The preservation step is a plain SGD step, while the upper
   step goes through Adam, which moves every selected weight by about the learning rate however small its
@@ -97,8 +98,10 @@ class GIFT(Method):
         return batch
 
     def safe_loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
-        if self.config.retain_loss == "distill":  # keep the starting model's predictions (no prior term)
-            return distillation_loss(self.model, params, batch)
+        if self.config.retain_loss != "diffusion":  # keep the starting model's predictions (no prior term)
+            return distillation_loss(
+                self.model, params, batch, guidance_scale=self.config.retain_distill_guidance()
+            )
         return diffusion_loss(self.model, params, batch)
 
     def representation_noise(self, activations: dict[str, Tensor], seed: int) -> Tensor:

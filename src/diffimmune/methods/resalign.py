@@ -9,7 +9,8 @@ Downstream Fine-tuning", NeurIPS 2025): unlearn so that the harm stays low *afte
 - L_h is the harmful loss on the target data: the negated diffusion loss (capped by `max_loss`) or, with
   `harmful_loss: esd`, ESD's loss towards the frozen model's negatively guided prediction.
 - L_retain distils the frozen model's noise predictions on the retain data (`retain`; on the world, every
-  other known shape), weighted by `retain_weight`.
+  other known shape), weighted by `retain_weight`; with `retain_loss: guided`, their classifier-free-guided
+  combination.
 - phi*_i is the result of a *sampled* fine-tune (`sample_finetunes`: method LoRA / full / DreamBooth,
   learning rate, steps, optimizer SGD / Adam and a data subset, each one an `AttackConfig`, drawn
   deterministically from (seed, step)), run with its own fresh optimizer (`FinetuneOptimizer`).
@@ -334,7 +335,9 @@ class ResAlign(Method):
         )
         if self.config.retain_unconditional:
             batch = with_null_prompts(self.model, batch, generator)
-        return distillation_loss(self.model, params, batch)
+        return distillation_loss(
+            self.model, params, batch, guidance_scale=self.config.retain_distill_guidance()
+        )
 
     # -- the simulated fine-tune
     def finetune_data(self, attack: AttackConfig) -> FinetuneData:
