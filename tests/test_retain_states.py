@@ -168,3 +168,89 @@ def test_sampler_states_need_distillation():
         config(retain_loss="diffusion")
     # ResAlign always distils.
     ImmunizeConfig(method="resalign", concepts=["world:shape=star"], retain_states="sampler")
+
+
+def rollout_config(**overrides):
+    settings = {"retain_loss": "rollout", "retain_states": "sampler", "retain_rollout_steps": 2, **SMALL}
+    return ImmunizeConfig(method="imma", concepts=["world:shape=star"], **{**settings, **overrides})
+
+
+def test_a_rollout_draw_is_two_states_of_one_trajectory_apart(world_model, tmp_path):
+    context = Context(world_model, rollout_config(), tmp_path, model_world(world_model))
+    pool = context.retain_pool
+    sampler = world_model.make_sampler("ddim")
+    sampler.set_timesteps(4)
+    firsts = set()
+    for seed in range(6):
+        start, target, prompts, first = context.rollout_draw(torch.Generator().manual_seed(seed))
+        firsts.add(first)
+        assert 0 <= first <= 1 and len(prompts) == len(start) == len(target) == 2
+        for state, later, prompt in zip(start, target, prompts, strict=True):
+            row = next(i for i in range(len(pool.x0)) if torch.equal(pool.x0[i], state))
+            assert pool.prompts[row] == prompt and torch.equal(pool.x0[row + 2], later)
+            assert pool.timesteps[row] == sampler.timesteps[first]
+            assert pool.timesteps[row + 2] == sampler.timesteps[first + 2]
+    assert firsts == {0, 1}
+
+
+def test_the_rollout_loss_is_zero_on_the_recorded_model_and_a_constant_drift_squared(world_model, tmp_path):
+    from diffimmune.core.objective import rollout_loss
+
+    context = Context(world_model, rollout_config(), tmp_path, model_world(world_model))
+    start, target, prompts, first = context.rollout_draw(torch.Generator().manual_seed(0))
+    sampler = world_model.make_sampler("ddim")
+    sampler.set_timesteps(4)
+
+    def loss():
+        return rollout_loss(world_model, None, start, target, prompts, sampler, first, 2, 4.0)
+
+    # The starting model retraces its own trajectory (to float error, against states of order 1).
+    assert loss().item() < 1e-8
+    # A prediction off by d at every step scores d^2. The predictor is made state-free (zero, then d) so
+    # that the drift does not feed back: the sampler alone carries it to the end.
+    reached = start
+    for t in sampler.timesteps[first : first + 2]:
+        reached = sampler.step(torch.zeros_like(reached), t, reached, return_dict=False)[0]
+    with mock.patch.object(world_model, "denoise", side_effect=lambda p, x, *a: torch.zeros_like(x) + 0.05):
+        drifted = rollout_loss(world_model, None, start, reached, prompts, sampler, first, 2, 4.0)
+    assert drifted.item() == pytest.approx(0.05**2, rel=1e-4)
+    with pytest.raises(DiffImmuneError, match="runs past the sampler's 4 steps"):
+        rollout_loss(world_model, None, start, target, prompts, sampler, 3, 2, 4.0)
+
+
+def test_a_rollout_retain_run_differs_from_one_step_distillation_and_resumes_exactly(
+    world_model, fast_world, tmp_path
+):
+    world = model_world(world_model)
+    model_dir = fast_world[1].model_dir
+    settings = {"steps": 4, "checkpoint_every": 2, "retain_weight": 50.0}
+
+    def run(folder, **overrides):
+        chosen = rollout_config(**{**settings, **overrides})
+        return immunize(load_model(model_dir), chosen, tmp_path / folder, progress=False, world=world)
+
+    straight = run("straight")
+    run("killed", steps=2)
+    resumed = run("killed")
+    one_step = run("one-step", retain_loss="guided")
+    a, b, c = (load_model(r.out_dir).named_parameters() for r in (straight, resumed, one_step))
+    assert straight.changed
+    for name in straight.changed:
+        assert torch.equal(a[name], b[name]), name
+    assert any(not torch.equal(a[name], c[name]) for name in straight.changed)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"retain_states": "noised"}, "set retain_states sampler"),
+        ({"retain_sampling": "hard"}, "keep retain_sampling uniform"),
+        ({"retain_rollout_steps": 4}, "must be under retain_sampler_steps"),
+        ({"retain_unconditional": True}, "remove retain_unconditional"),
+    ],
+)
+def test_rollout_settings_that_cannot_run_are_refused(overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        rollout_config(**overrides)
+    with pytest.raises(ValidationError, match="retain_loss rollout is the bi-level methods'"):
+        config(retain_loss="rollout")

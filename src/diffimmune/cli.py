@@ -490,8 +490,9 @@ def immunize(
     retain_loss: Annotated[
         str | None,
         typer.Option(
-            help="diffusion (fit the retain images), distill (keep the starting model's predictions) or "
-            "guided (keep its guided predictions, at --retain-guidance-scale)"
+            help="diffusion (fit the retain images), distill (keep the starting model's predictions), "
+            "guided (keep its guided predictions, at --retain-guidance-scale) or rollout (keep where its "
+            "guided sampler goes over --retain-rollout-steps steps; needs --retain-states sampler)"
         ),
     ] = None,
     retain_unconditional: Annotated[
@@ -511,6 +512,10 @@ def immunize(
             help="noised (the retain images at random timesteps) or sampler (the starting model's own "
             "sampling trajectories on the retain prompts; needs --retain-loss distill or guided)"
         ),
+    ] = None,
+    retain_rollout_steps: Annotated[
+        int | None,
+        typer.Option(help="--retain-loss rollout: sampler steps from each recorded state (default 3)"),
     ] = None,
     retain_guidance_scale: Annotated[
         float | None,
@@ -554,6 +559,7 @@ def immunize(
         "retain_sampling": retain_sampling,
         "retain_states": retain_states,
         "retain_guidance_scale": retain_guidance_scale,
+        "retain_rollout_steps": retain_rollout_steps,
     }
     if concepts is not None:
         flags["concepts"] = concept_specs(concepts, data, model_world(diffusion_model))

@@ -214,3 +214,42 @@ def guided(prediction: Tensor, scale: float) -> Tensor:
     unconditional (the order `distillation_loss` stacks them in)."""
     cond, uncond = prediction.chunk(2)
     return uncond + scale * (cond - uncond)
+
+
+def rollout_loss(
+    model,
+    params: dict[str, Tensor] | None,
+    start: Tensor,
+    target: Tensor,
+    prompts: list[str],
+    scheduler,
+    first_step: int,
+    count: int,
+    guidance_scale: float,
+) -> Tensor:
+    """How far `params`'s own guided sampler drifts from a recorded trajectory: from the states `start`
+    at step `first_step` of `scheduler` (timesteps already set), take `count` classifier-free-guided
+    steps under `params` (differentiable through every one) and compare with `target`, the states the
+    recording model reached `count` steps later.
+
+    The squared distance is divided by the square of how far the steps move the state per unit of the
+    noise prediction, so it reads in the units of a noise-prediction distillation: a drift of the guided
+    prediction by a constant d at every step scores exactly d^2. (The sampler's step must be linear in
+    the state and the prediction, as DDIM without clipping is.)"""
+    timesteps = scheduler.timesteps[first_step : first_step + count]
+    if len(timesteps) != count:
+        raise DiffImmuneError(
+            f"a rollout of {count} steps from step {first_step} runs past the sampler's "
+            f"{len(scheduler.timesteps)} steps"
+        )
+    condition = model.encode_prompts([*prompts, *([""] * len(prompts))], params)
+    state, unit = start, torch.zeros_like(start[:1])
+    for t in timesteps:
+        # where a prediction off by 1 at every step so far has moved the state (the step is linear)
+        unit = scheduler.step(torch.ones_like(unit), t, unit, return_dict=False)[0]
+        model_input = scheduler.scale_model_input(torch.cat([state, state]), t)
+        prediction = guided(model.denoise(params, model_input, t, condition), guidance_scale)
+        state = scheduler.step(prediction, t, state, return_dict=False)[0]
+    precision = torch.promote_types(state.dtype, torch.float32)
+    reach = float(unit.mean())
+    return (state.to(precision) - target.to(precision)).pow(2).mean() / reach**2

@@ -28,7 +28,13 @@ import torch
 from torch import Tensor
 
 from diffimmune.core.hypergrad import adam_step, adapt, hypergradient
-from diffimmune.core.objective import Batch, diffusion_loss, distillation_loss, with_null_prompts
+from diffimmune.core.objective import (
+    Batch,
+    diffusion_loss,
+    distillation_loss,
+    rollout_loss,
+    with_null_prompts,
+)
 from diffimmune.core.train import StepOutput
 from diffimmune.methods.common import Context, Method, inner_of, store_inner, theta_of
 
@@ -267,6 +273,12 @@ class BilevelMethod(Method):
         return self.context.batch(concepts[branch.concepts[choice]], generator)
 
     def retain_loss(self, theta: dict[str, Tensor], generator) -> Tensor:
+        if self.config.retain_loss == "rollout":
+            start, target, prompts, first = self.context.rollout_draw(generator)
+            sampler = self.model.make_sampler("ddim")  # the sampler the trajectories were recorded with
+            sampler.set_timesteps(self.config.retain_sampler_steps, device=self.model.device)
+            count, scale = self.config.retain_rollout_steps, self.config.retain_guidance_scale
+            return rollout_loss(self.model, theta, start, target, prompts, sampler, first, count, scale)
         batch = self.context.batch(self.context.retain_pool, generator, with_prior=False)
         if self.config.retain_unconditional:
             batch = with_null_prompts(self.model, batch, generator)

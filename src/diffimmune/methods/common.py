@@ -65,6 +65,7 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "inner_steps": (*BILEVEL_METHODS, "gift"),
     "max_loss": (*BILEVEL_METHODS, "gift", "resalign"),
     "retain_loss": (*BILEVEL_METHODS, "gift", "resalign"),  # ResAlign always distils; guided changes how
+    "retain_rollout_steps": BILEVEL_METHODS,
     "merge_directions": ("mima", "compose"),
     "merge_others": ("mima", "compose"),
     "outer_models": ("mima", "compose"),
@@ -119,6 +120,7 @@ IMMUNIZE_FIELDS_ADDED = {
     "retain_sampler_steps": 25,
     "retain_guidance_scale": 4.0,
     "inner_optimizer": "sgd",
+    "retain_rollout_steps": 3,
 }
 
 
@@ -170,12 +172,14 @@ class ImmunizeConfig(StrictModel):
         default=None, description="data the model must keep (default on the world: every other known shape)"
     )
     retain_weight: float = Field(default=0.0, ge=0, description="weight of the retain loss (0: off)")
-    retain_loss: Literal["diffusion", "distill", "guided"] = Field(
+    retain_loss: Literal["diffusion", "distill", "guided", "rollout"] = Field(
         default="diffusion",
         description="bi-level methods' retain loss and GIFT's preservation step: the diffusion loss on the "
         "retain data, distillation of the starting model's predictions on them (ResAlign always distils), "
-        "or guided: distillation of the classifier-free-guided prediction uncond + s (cond - uncond) at "
-        "s = retain_guidance_scale, the prediction the sampler steps with",
+        "guided: distillation of the classifier-free-guided prediction uncond + s (cond - uncond) at "
+        "s = retain_guidance_scale, the prediction the sampler steps with, or rollout (bi-level methods, "
+        "with retain_states sampler): retain_rollout_steps guided sampler steps under the trained weights "
+        "from a state of the starting model's trajectory, against where that trajectory went",
     )
     retain_unconditional: bool = Field(
         default=False,
@@ -198,6 +202,9 @@ class ImmunizeConfig(StrictModel):
     )
     retain_sampler_steps: int = Field(
         default=25, gt=0, description="retain_states sampler: DDIM steps of the recorded trajectories"
+    )
+    retain_rollout_steps: int = Field(
+        default=3, gt=0, description="retain_loss rollout: sampler steps taken from each recorded state"
     )
     retain_guidance_scale: float = Field(
         default=4.0,
@@ -339,11 +346,26 @@ class ImmunizeConfig(StrictModel):
                 "retain_states sampler needs retain_loss distill or guided: a sampler state has no clean "
                 "image to fit, only the starting model's prediction to keep"
             )
-        if self.retain_loss == "guided" and self.retain_unconditional:
+        if self.retain_loss in ("guided", "rollout") and self.retain_unconditional:
             raise ValueError(
-                "retain_loss guided already keeps the empty-prompt predictions (inside the guided one); "
-                "remove retain_unconditional"
+                f"retain_loss {self.retain_loss} already keeps the empty-prompt predictions (inside the "
+                "guided one); remove retain_unconditional"
             )
+        if self.retain_loss == "rollout":
+            if self.method not in BILEVEL_METHODS:
+                raise ValueError(
+                    f"retain_loss rollout is the bi-level methods'; {self.method} takes distill or guided"
+                )
+            if self.retain_states != "sampler" or self.retain_sampling != "uniform":
+                raise ValueError(
+                    "retain_loss rollout follows the starting model's recorded trajectories: set retain_states "
+                    "sampler (and keep retain_sampling uniform)"
+                )
+            if self.retain_rollout_steps >= self.retain_sampler_steps:
+                raise ValueError(
+                    f"retain_rollout_steps ({self.retain_rollout_steps}) must be under retain_sampler_steps "
+                    f"({self.retain_sampler_steps}): a rollout ends at a recorded state"
+                )
         fields = type(self).model_fields
         for name, readers in FIELD_READERS.items():
             if self.method in readers:
@@ -597,6 +619,17 @@ class Context:
                     )
                 found.append(torch.cat(parts).float())
         return found
+
+    def rollout_draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor, list[str], int]:
+        """retain_loss rollout: one sampler step k (the same for the batch, so that it steps together) and
+        `batch_size` recorded trajectories; their states at step k, at step k + retain_rollout_steps, and
+        their prompts."""
+        pool, steps = self.retain_pool, self.config.retain_sampler_steps
+        count = self.config.retain_rollout_steps
+        first = int(torch.randint(0, steps - count, (1,), generator=generator))
+        which = torch.randint(0, len(pool.x0) // steps, (self.config.batch_size,), generator=generator)
+        rows = which * steps + first  # the pool is prompt-major: a trajectory's states are consecutive
+        return pool.x0[rows], pool.x0[rows + count], [pool.prompts[i] for i in rows.tolist()], first
 
     def batch(self, concept: ConceptSamples, generator: torch.Generator, with_prior: bool = True) -> Batch:
         prior = self.prior if with_prior else None
