@@ -261,19 +261,25 @@ def test_the_retain_loss_is_the_configured_one(world_model, tmp_path, retain_los
     assert (retained == 0.0) == (retain_loss == "distill")
 
 
-@pytest.mark.parametrize("method_name", ["imma", "resalign"])
-def test_retain_unconditional_also_distils_the_empty_prompt_predictions(world_model, tmp_path, method_name):
-    from diffimmune.core.objective import Batch, distillation_loss, sample_noise_and_timesteps
-
-    config = small_config(method_name, retain_weight=1.0, retain_loss="distill", retain_unconditional=True)
+def moved_method(world_model, config, tmp_path):
+    """(context, method, released weights moved a little off the model's) for `config`."""
     context = Context(world_model, config, tmp_path, model_world(world_model))
-    method = method_registry()[method_name](context)
+    method = method_registry()[config.method](context)
     named = world_model.named_parameters()
     generator = torch.Generator().manual_seed(0)
     theta = {
         n: named[n].detach() + 0.02 * torch.randn(named[n].shape, generator=generator)
         for n in method.theta_names
     }
+    return context, method, theta
+
+
+@pytest.mark.parametrize("method_name", ["imma", "resalign"])
+def test_retain_unconditional_also_distils_the_empty_prompt_predictions(world_model, tmp_path, method_name):
+    from diffimmune.core.objective import Batch, distillation_loss, sample_noise_and_timesteps
+
+    config = small_config(method_name, retain_weight=1.0, retain_loss="distill", retain_unconditional=True)
+    context, method, theta = moved_method(world_model, config, tmp_path)
     loss = method.retain_loss(theta, torch.Generator().manual_seed(7))
     # The same draws by hand: the retain batch, then one noise and timestep per image for both prompts.
     generator = torch.Generator().manual_seed(7)
@@ -292,14 +298,8 @@ def test_retain_loss_guided_distils_the_guided_predictions(world_model, tmp_path
     from diffimmune.core.objective import distillation_loss, sample_noise_and_timesteps
 
     config = small_config(method_name, retain_weight=1.0, retain_loss="guided", retain_guidance_scale=3.0)
-    context = Context(world_model, config, tmp_path, model_world(world_model))
-    method = method_registry()[method_name](context)
-    named = world_model.named_parameters()
-    generator = torch.Generator().manual_seed(0)
-    theta = {
-        n: named[n].detach() + 0.02 * torch.randn(named[n].shape, generator=generator)
-        for n in method.theta_names
-    }
+    context, method, theta = moved_method(world_model, config, tmp_path)
+    generator = torch.Generator().manual_seed(1)
     batch = context.batch(context.retain, torch.Generator().manual_seed(7), with_prior=False)
     batch.noise = torch.randn(batch.x0.shape, generator=generator)
     batch.timesteps = torch.randint(0, 1000, (len(batch),), generator=generator)
