@@ -25,8 +25,11 @@ def released(model):
     return {n: t.detach().clone() for n, t in model.named_parameters().items() if "attn2" in n}
 
 
-def test_the_weights_are_uniform_without_drift_and_follow_each_images_drift(world_model, tmp_path):
-    context = Context(world_model, config(), tmp_path, model_world(world_model))
+@pytest.mark.parametrize("retain_loss", ["distill", "guided"])
+def test_the_weights_are_uniform_without_drift_and_follow_each_images_drift(
+    world_model, tmp_path, retain_loss
+):
+    context = Context(world_model, config(retain_loss=retain_loss), tmp_path, model_world(world_model))
     count = len(context.retain.x0)
     context.refresh_retain_weights(released(world_model))
     torch.testing.assert_close(context.retain.weights, torch.full((count,), 1.0 / count))
@@ -43,15 +46,21 @@ def test_the_weights_are_uniform_without_drift_and_follow_each_images_drift(worl
     # Each image's weight is its own drift's share: measured here one image at a time.
     x_t, timesteps, _ = context._retain_probe
     drift = []
+
+    def prediction(params, i, prompt):
+        return world_model.denoise(
+            params, x_t[i : i + 1], timesteps[i : i + 1], world_model.encode_prompts([prompt], params)
+        )
+
     with torch.no_grad():
         for i in range(count):
-            prompt = [context.retain.prompts[i]]
-            before = world_model.denoise(
-                None, x_t[i : i + 1], timesteps[i : i + 1], world_model.encode_prompts(prompt)
-            )
-            after = world_model.denoise(
-                moved, x_t[i : i + 1], timesteps[i : i + 1], world_model.encode_prompts(prompt, moved)
-            )
+            prompt = context.retain.prompts[i]
+            before, after = (prediction(params, i, prompt) for params in (None, moved))
+            if retain_loss == "guided":  # the guided prediction at the default scale 4
+                before, after = (
+                    prediction(params, i, "") + 4.0 * (cond - prediction(params, i, ""))
+                    for params, cond in ((None, before), (moved, after))
+                )
             drift.append((after - before).pow(2).mean())
     drift = torch.stack(drift)
     expected = 0.5 / count + 0.5 * drift / drift.sum()
