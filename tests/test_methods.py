@@ -436,10 +436,12 @@ def test_cli_immunize_retain_flags_reach_the_run(fast_world, tmp_path):
     assert (out / "retain_states.safetensors").is_file()
 
 
-def test_cli_immunize_retain_loss_guided_reaches_the_run(fast_world, tmp_path):
-    flags = ["--retain-weight", "2", "--retain-loss", "guided", "--retain-guidance-scale", "3"]
+def test_cli_immunize_retain_rollout_flags_reach_the_run(fast_world, tmp_path):
+    flags = ["--retain-weight", "2", "--retain-loss", "rollout", "--retain-states", "sampler"]
+    flags += ["--retain-rollout-steps", "2", "--retain-guidance-scale", "3"]
     config = cli_one_step_imma(fast_world, tmp_path / "run", *flags)
-    assert config["retain_loss"] == "guided" and config["retain_guidance_scale"] == 3.0
+    assert config["retain_loss"] == "rollout" and config["retain_states"] == "sampler"
+    assert config["retain_rollout_steps"] == 2 and config["retain_guidance_scale"] == 3.0
 
 
 def test_cli_immunize_takes_one_adversary_of_each_kind(fast_world, tmp_path):
