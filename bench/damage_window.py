@@ -2,8 +2,8 @@
 
 For each kept (non-target) shape, the evaluation's prompts and seeds are sampled with the evaluation's
 guided 25-step DDIM, but the denoiser is switched per step between the erased (or base) model and a
-defence: the defence only in a window of steps (high noise first), or only for one half of the
-guidance (its conditional prediction with the erased model's unconditional one, and the reverse). The
+defence: the defence only in a window of steps (high noise first), from a step on, or only for one half
+of the guidance (its conditional prediction with the erased model's unconditional one, and the reverse). The
 kept shapes' detection rate of each hybrid says which steps, and which half, lose them: a window whose
 hybrid keeps the erased model's rate is one the defence does not damage.
 
