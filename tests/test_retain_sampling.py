@@ -57,10 +57,9 @@ def test_the_weights_are_uniform_without_drift_and_follow_each_images_drift(
             prompt = context.retain.prompts[i]
             before, after = (prediction(params, i, prompt) for params in (None, moved))
             if retain_loss == "guided":  # the guided prediction at the default scale 4
-                before, after = (
-                    prediction(params, i, "") + 4.0 * (cond - prediction(params, i, ""))
-                    for params, cond in ((None, before), (moved, after))
-                )
+                empty_before, empty_after = (prediction(params, i, "") for params in (None, moved))
+                before = empty_before + 4.0 * (before - empty_before)
+                after = empty_after + 4.0 * (after - empty_after)
             drift.append((after - before).pow(2).mean())
     drift = torch.stack(drift)
     expected = 0.5 / count + 0.5 * drift / drift.sum()

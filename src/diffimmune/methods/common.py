@@ -605,7 +605,7 @@ class Context:
 
     def _retain_predictions(self, params, x_t: Tensor, timesteps: Tensor, chunk: int = 32) -> list[Tensor]:
         prompts = self.retain_pool.prompts
-        both = self.config.retain_unconditional or self.config.retain_loss == "guided"
+        both = self.config.retain_unconditional or self.config.retain_distill_guidance() is not None
         halves = [prompts, [""] * len(prompts)] if both else [prompts]
         found = []
         with torch.no_grad():
