@@ -45,6 +45,27 @@ def test_every_adapter_starts_at_the_released_weights(tiny_model, name):
     assert all(torch.equal(view[n], tiny_model.named_parameters()[n]) for n in view)
 
 
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_shifted_state_is_the_start_plus_the_residual_and_differentiable_in_the_base(tiny_model, name):
+    adapter = make_adapter(name)
+    base = {n: t.detach().clone().requires_grad_(True) for n, t in adapter.base_parameters(tiny_model).items()}
+    start = adapter.init_state(tiny_model, base)
+    generator = torch.Generator().manual_seed(3)
+    residual = {k: torch.randn(v.shape, generator=generator) for k, v in start.items()}
+    shifted = adapter.shifted_state(tiny_model, base, residual)
+    assert set(shifted) == set(start)
+    for key in start:
+        assert torch.equal(shifted[key], start[key] + residual[key])
+    # The same gradient w.r.t. the base as the state built by hand.
+    def total(state):
+        return sum((v * v).sum() for v in adapter.view(tiny_model, base, state).values())
+
+    by_hand = torch.autograd.grad(total({k: start[k] + residual[k] for k in start}), list(base.values()))
+    ours = torch.autograd.grad(total(shifted), list(base.values()))
+    for a, b in zip(by_hand, ours, strict=True):
+        assert torch.allclose(a, b)
+
+
 def test_lora_changes_only_the_attention_weights_it_targets(tiny_model):
     base, view = one_step(tiny_model, make_adapter("lora", AdapterConfig(rank=2)))
     changed = changed_names(tiny_model, base, view)

@@ -111,6 +111,8 @@ def test_merge_models_sum_adds_every_adapters_change_at_full_strength():
     # One adapted model: the sum and the average are that model.
     single = merge_models(base, adapted[:1], concepts[:1], reg, kv, others="sum")
     assert torch.allclose(single["norm.bias"], adapted[0]["norm.bias"], atol=1e-12)
+    alone = merge_models(base, adapted[:1], concepts[:1], reg, kv)
+    assert all(torch.equal(alone[n], adapted[0][n]) for n in ("attn2.to_out.weight", "norm.bias"))
     with pytest.raises(DiffImmuneError, match="needs the base value of 'attn2.to_out.weight'"):
         merge_models({n: base[n] for n in kv}, adapted, concepts, reg, kv, others="sum")
 

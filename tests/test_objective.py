@@ -7,6 +7,7 @@ import torch
 
 from diffimmune.core.objective import (
     Batch,
+    batch_losses,
     diffusion_loss,
     distillation_loss,
     math_attention,
@@ -191,3 +192,23 @@ def test_guided_distillation_compares_the_predictions_the_sampler_steps_with(tin
     assert not torch.allclose(
         distillation_loss(tiny_model, params, batch, guidance_scale=4.0), plain, rtol=1e-2
     )
+
+
+def test_batch_losses_equal_the_separate_losses_and_draw_the_same_noise(tiny_model):
+    batches = [make_batch(tiny_model, count, seed) for count, seed in ((2, 0), (3, 1), (1, 2))]
+    params = {n: v.detach().requires_grad_(True) for n, v in select_parameters(tiny_model, "attn").items()}
+    separate_generator, joined_generator = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    separate = [diffusion_loss(tiny_model, params, b, separate_generator) for b in batches]
+    joined = batch_losses(tiny_model, params, batches, joined_generator)
+    assert len(joined) == 3
+    for a, b in zip(separate, joined, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    # The generator is left where the separate calls leave it: what is drawn next is the same.
+    assert torch.equal(torch.rand(4, generator=separate_generator), torch.rand(4, generator=joined_generator))
+    # And so is the gradient of a weighted sum of the terms (each term keeps its own graph).
+    names = list(params)
+    weights = (1.0, -2.0, 0.5)
+    first = torch.autograd.grad(sum(w * l for w, l in zip(weights, separate)), [params[n] for n in names])
+    second = torch.autograd.grad(sum(w * l for w, l in zip(weights, joined)), [params[n] for n in names])
+    for a, b in zip(first, second, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -89,6 +89,12 @@ class Adapter(ABC):
     def init_state(self, model, base: dict[str, Tensor]) -> dict[str, Tensor]:
         """phi0(theta): differentiable in `base` where the adapter starts from the released weights."""
 
+    def shifted_state(self, model, base: dict[str, Tensor], residual: dict[str, Tensor]) -> dict[str, Tensor]:
+        """phi0(base) + residual, differentiable in both (how the bi-level methods store a lower level's
+        state: as its offset from the start)."""
+        start = self.init_state(model, base)
+        return {k: start[k] + residual[k] for k in start}
+
     @abstractmethod
     def view(self, model, base: dict[str, Tensor], state: dict[str, Tensor]) -> dict[str, Tensor]:
         """The parameter dict (qualified names) the adapted model is called with."""
@@ -110,6 +116,10 @@ class FullAdapter(Adapter):
 
     def init_state(self, model, base):
         return {n: t.clone() for n, t in base.items()}
+
+    def shifted_state(self, model, base, residual):
+        # phi0 is the base itself: no copy of it first (a pass over every tensor of the denoiser).
+        return {n: t + residual[n] for n, t in base.items()}
 
     def view(self, model, base, state):
         return dict(state)

@@ -175,6 +175,8 @@ def merge_models(
                 raise DiffImmuneError(f"merge_models others='sum' needs the base value of '{name}'")
             changes = torch.stack([params[name] - base[name] for params in adapted])
             merged[name] = base[name] + changes.sum(dim=0)
+        elif len(adapted) == 1:  # the average of one model is that model (no copy)
+            merged[name] = adapted[0][name]
         else:
             merged[name] = torch.stack([params[name] for params in adapted]).mean(dim=0)
     return merged

@@ -179,6 +179,33 @@ def diffusion_loss(
     return losses[:count].mean() + batch.prior_weight * losses[count:].mean()
 
 
+def batch_losses(
+    model,
+    params: dict[str, Tensor] | None,
+    batches: list[Batch],
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
+    """`diffusion_loss` of each batch under the same `params`, in one pass of the denoiser.
+
+    Noise and timesteps are drawn batch by batch in the order the separate calls would draw them, so
+    the values match `[diffusion_loss(model, params, b, generator) for b in batches]` up to the
+    rounding of a larger batch; one pass over N batches costs well under N passes (an upper loss that
+    scores several concepts on one model). Batches with a prior part are read one by one."""
+    if len(batches) < 2 or any(b.prior is not None for b in batches):
+        return [diffusion_loss(model, params, b, generator) for b in batches]
+    for batch in batches:
+        _require_clean(batch)
+    drawn = [sample_noise_and_timesteps(model, b, generator) for b in batches]
+    joined = Batch(
+        x0=torch.cat([b.x0 for b in batches]),
+        prompts=[p for b in batches for p in b.prompts],
+        noise=torch.cat([noise for noise, _ in drawn]),
+        timesteps=torch.cat([timesteps for _, timesteps in drawn]),
+    )
+    losses = per_sample_loss(model, params, joined)
+    return [part.mean() for part in losses.split([len(b) for b in batches])]
+
+
 def distillation_loss(
     model,
     params: dict[str, Tensor] | None,

@@ -30,6 +30,7 @@ from torch import Tensor
 from diffimmune.core.hypergrad import adam_step, adapt, hypergradient
 from diffimmune.core.objective import (
     Batch,
+    batch_losses,
     diffusion_loss,
     distillation_loss,
     rollout_loss,
@@ -103,8 +104,7 @@ class BilevelMethod(Method):
         """Summed diffusion loss of the target batches (one per concept) under `params`; maximised. Each
         concept's value is appended to `terms` when given."""
         total = 0.0
-        for batch in batches:
-            loss = diffusion_loss(self.model, params, batch, generator)
+        for loss in batch_losses(self.model, params, batches, generator):  # one denoiser pass for all
             value = loss.item()  # one device sync per term, for the metric and the bound
             if terms is not None:
                 terms.append(value)
@@ -124,8 +124,7 @@ class BilevelMethod(Method):
     def adapted_params(self, branch: Branch, theta: dict[str, Tensor], residual: dict[str, Tensor]):
         """view(theta, phi0(theta) + r): every tensor the adapted model is called with."""
         base = self.branch_base(branch, theta)
-        start = branch.adapter.init_state(self.model, base)
-        state = {k: start[k] + residual[k] for k in start}
+        state = branch.adapter.shifted_state(self.model, base, residual)
         return {**theta, **branch.adapter.view(self.model, base, state)}
 
     def released_outer_views(self, z: dict[str, Tensor]) -> list[tuple[dict[str, Tensor], list[int], str]]:
@@ -199,10 +198,13 @@ class BilevelMethod(Method):
                         updated[keys[name]] = stepped[name]
                         for prefix, moment in zip(ADAM_MOMENTS, moments, strict=True):
                             updated[prefix + keys[name]] = moment[name]
-                else:
-                    for name, grad in zip(names, grads, strict=True):
-                        if grad is not None:
-                            updated[f"{index}/{name}"] = residual[name] - branch.lr * grad
+                else:  # r - lr g over every tensor at once (one dispatch per op, not per tensor)
+                    used = [(n, g) for n, g in zip(names, grads, strict=True) if g is not None]
+                    if used:
+                        steps = torch._foreach_mul([g for _, g in used], branch.lr)
+                        stepped = torch._foreach_sub([residual[n] for n, _ in used], steps)
+                        for (name, _), value in zip(used, stepped, strict=True):
+                            updated[f"{index}/{name}"] = value
             return updated
 
         view_terms: dict[str, list[float]] = {}  # the upper loss's terms, per view
