@@ -143,3 +143,29 @@ def test_delta_detects_a_tampered_tensor(tiny_sd_dir, tmp_path):
     save_file(values, str(tmp_path / "delta" / "delta.safetensors"))
     with pytest.raises(DiffImmuneError, match="does not match its hash"):
         DiffusionModel.from_pretrained(tiny_sd_dir, device="cpu").load_delta(tmp_path / "delta")
+
+
+def test_denoise_with_replaced_tensors_equals_functional_call_and_restores_the_model(tiny_model):
+    from torch.func import functional_call
+
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, *tiny_model.sample_shape, generator=generator)
+    t = torch.tensor([10, 500])
+    text = tiny_model.encode_prompts(["a red star", "a blue circle"])
+    named = tiny_model.named_parameters()
+    originals = {n: v for n, v in named.items() if n.startswith("unet.")}
+    replaced = {n: (v.detach() * 1.01).requires_grad_(True) for n, v in originals.items()}
+    ours = tiny_model.denoise(replaced, x_t, t, text)
+    kwargs = {"encoder_hidden_states": text, "return_dict": False}
+    stripped = {n.removeprefix("unet."): v for n, v in replaced.items()}
+    reference = functional_call(tiny_model.unet, stripped, (x_t, t), kwargs, tie_weights=False)[0]
+    assert torch.allclose(ours, reference, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(ours, tiny_model.denoise(None, x_t, t, text))  # the replacement was used
+    # Differentiable in the replaced tensors, and the model's own parameters are back in place.
+    grads = torch.autograd.grad(ours.square().sum(), list(replaced.values()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(named[n] is v for n, v in tiny_model.named_parameters().items() if n in originals)
+    # Also when the call fails half-way.
+    with pytest.raises(RuntimeError):
+        tiny_model.denoise(replaced, x_t[:, :1], t, text)
+    assert all(named[n] is v for n, v in tiny_model.named_parameters().items() if n in originals)
