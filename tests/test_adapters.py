@@ -48,7 +48,9 @@ def test_every_adapter_starts_at_the_released_weights(tiny_model, name):
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_shifted_state_is_the_start_plus_the_residual_and_differentiable_in_the_base(tiny_model, name):
     adapter = make_adapter(name)
-    base = {n: t.detach().clone().requires_grad_(True) for n, t in adapter.base_parameters(tiny_model).items()}
+    base = {
+        n: t.detach().clone().requires_grad_(True) for n, t in adapter.base_parameters(tiny_model).items()
+    }
     start = adapter.init_state(tiny_model, base)
     generator = torch.Generator().manual_seed(3)
     residual = {k: torch.randn(v.shape, generator=generator) for k, v in start.items()}
@@ -56,6 +58,7 @@ def test_shifted_state_is_the_start_plus_the_residual_and_differentiable_in_the_
     assert set(shifted) == set(start)
     for key in start:
         assert torch.equal(shifted[key], start[key] + residual[key])
+
     # The same gradient w.r.t. the base as the state built by hand.
     def total(state):
         return sum((v * v).sum() for v in adapter.view(tiny_model, base, state).values())

@@ -206,9 +206,9 @@ def test_batch_losses_equal_the_separate_losses_and_draw_the_same_noise(tiny_mod
     # The generator is left where the separate calls leave it: what is drawn next is the same.
     assert torch.equal(torch.rand(4, generator=separate_generator), torch.rand(4, generator=joined_generator))
     # And so is the gradient of a weighted sum of the terms (each term keeps its own graph).
-    names = list(params)
+    tensors = list(params.values())
     weights = (1.0, -2.0, 0.5)
-    first = torch.autograd.grad(sum(w * l for w, l in zip(weights, separate)), [params[n] for n in names])
-    second = torch.autograd.grad(sum(w * l for w, l in zip(weights, joined)), [params[n] for n in names])
+    first = torch.autograd.grad(sum(w * t for w, t in zip(weights, separate, strict=True)), tensors)
+    second = torch.autograd.grad(sum(w * t for w, t in zip(weights, joined, strict=True)), tensors)
     for a, b in zip(first, second, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
