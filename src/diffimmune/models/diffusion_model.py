@@ -2,8 +2,9 @@
 tokenizer, optional vae, scheduler), seen as a dict of named parameters plus a frozen rest.
 
 Parameters are named `unet.<path>` and `text_encoder.<path>`. Every algorithm passes a dict of replaced
-parameters to `denoise` / `encode_prompts`, which call the modules through `torch.func.functional_call`,
-so inner steps are pure functions of that dict and hypergradients are ordinary autograd.
+parameters to `denoise` / `encode_prompts`, which call the modules with them in place of their own
+(`torch.func.functional_call`'s swap; the denoiser's through slots found once), so inner steps are pure
+functions of that dict and hypergradients are ordinary autograd.
 """
 
 from __future__ import annotations
