@@ -99,6 +99,44 @@ def test_beta_zero_turns_representation_noising_off(world_model, tmp_path):
     assert max(difference) > 1e-6  # the representation term has a gradient of its own
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.0])
+def test_one_pass_over_every_concept_matches_a_pass_per_concept(world_model, tmp_path, beta, monkeypatch):
+    """The multi-concept upper terms read in one denoiser pass equal one pass per concept: each
+    concept's loss, its representation-noising distance and the gradient of their sum."""
+    method = make_gift(world_model, gift_config(("star", "square", "triangle"), beta=beta), tmp_path)
+    generator = torch.Generator().manual_seed(11)
+    batches = []
+    for index, concept in enumerate(method.context.concepts):
+        batch = method.context.batch(concept, generator, with_prior=False)
+        batches.append((_fixed_draws(world_model, batch, generator), 500 + index))
+    theta = {n: v.requires_grad_(True) for n, v in released(method).items()}
+    apart = [method.upper_terms(theta, batch, seed) for batch, seed in batches]
+
+    def one_concept_pass(*args, **kwargs):
+        raise AssertionError("fell back to one pass per concept")
+
+    monkeypatch.setattr(method, "upper_terms", one_concept_pass)
+    joined = method.concept_terms(theta, batches)
+    assert len(joined) == len(apart) == 3
+    for (loss, distance), (loss_apart, distance_apart) in zip(joined, apart, strict=True):
+        assert loss.item() == pytest.approx(loss_apart.item(), rel=1e-4)
+        if beta == 0:
+            assert distance is None and distance_apart is None
+        else:
+            assert distance.item() == pytest.approx(distance_apart.item(), rel=1e-4)
+
+    def gradient(terms):
+        total = sum(-loss + beta * (distance if distance is not None else 0.0) for loss, distance in terms)
+        return torch.autograd.grad(total, list(theta.values()))
+
+    for a, b in zip(gradient(joined), gradient(apart), strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * max(1.0, b.abs().max().item()))
+    # the step's upper loss reads the same one pass
+    record = {}
+    method.upper_loss(theta, batches, record)
+    assert record["target_loss"] == pytest.approx(sum(t[0].item() for t in apart) / 3, rel=1e-4)
+
+
 def test_no_hook_is_left_on_the_denoiser_after_a_step(world_model, tmp_path):
     method = make_gift(world_model, gift_config(hypergradient="unrolled"), tmp_path)
     assert method.noise_modules

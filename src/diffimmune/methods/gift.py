@@ -28,7 +28,8 @@ What diffimmune does:
   fresh noise of its shape by `core.mmd.mmd_rbf` at `mmd_bandwidths` times the median distance;
 - safe data is `retain` (on the world: every other known shape), with the prior batch attached when
   `prior_preservation` is on; without either, GIFT refuses to start (it has nothing to preserve);
-- several target concepts are handled at once: U sums over them (one target batch each);
+- several target concepts are handled at once: U sums over them (one target batch each), all read in
+  one pass of the denoiser (`concept_terms`);
 - `max_loss` stops ascending a concept's diffusion loss once it exceeds the bound (the representation
   term keeps working), and `beta: 0` turns representation noising off (maximisation + preservation);
 - the default selection is the cross-attention (`xattn`), as in the paper; `attn` and `unet` work too.
@@ -53,6 +54,7 @@ from diffimmune.core.hypergrad import gradient_step, hypergradient
 from diffimmune.core.mmd import mmd_rbf
 from diffimmune.core.objective import (
     Batch,
+    batch_losses,
     diffusion_loss,
     distillation_loss,
     sample_noise_and_timesteps,
@@ -123,12 +125,33 @@ class GIFT(Method):
             loss = diffusion_loss(self.model, params, batch)
         return loss, self.representation_noise(activations, seed)
 
+    def concept_terms(
+        self, params: dict[str, Tensor], batches: list[tuple[Batch, int]]
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """`upper_terms` of every concept, from one forward pass of the denoiser over all their batches
+        (each concept's activations are its own rows of the joined batch's). Falls back to one pass per
+        concept for a single concept, prior parts, or a captured module whose output is not batch-first."""
+        if len(batches) < 2 or any(batch.prior is not None for batch, _ in batches):
+            return [self.upper_terms(params, batch, seed) for batch, seed in batches]
+        plain = [batch for batch, _ in batches]
+        if not self.noise_modules:
+            return [(loss, None) for loss in batch_losses(self.model, params, plain)]
+        sizes = [len(batch) for batch in plain]
+        with capture_activations(self.model.unet, self.config.noise_layers) as activations:
+            losses = batch_losses(self.model, params, plain)
+        if any(value.shape[0] != sum(sizes) for value in activations.values()):
+            return [self.upper_terms(params, batch, seed) for batch, seed in batches]
+        parts = {name: value.split(sizes) for name, value in activations.items()}
+        return [
+            (loss, self.representation_noise({name: part[index] for name, part in parts.items()}, seed))
+            for index, (loss, (_, seed)) in enumerate(zip(losses, batches, strict=True))
+        ]
+
     def upper_loss(self, params: dict[str, Tensor], batches: list[tuple[Batch, int]], record: dict) -> Tensor:
         """U = sum over concepts of -L_diff + beta * MMD (minimised); fills `record` with the terms."""
         total = 0.0
         losses, distances = [], []
-        for batch, seed in batches:
-            loss, distance = self.upper_terms(params, batch, seed)
+        for loss, distance in self.concept_terms(params, batches):
             losses.append(loss.item())
             ascended = loss
             if self.config.max_loss is not None and loss.item() > self.config.max_loss:
