@@ -256,6 +256,41 @@ def test_each_simulated_finetune_starts_with_a_fresh_adam_state(world_model, tmp
     assert runs[0].outer_loss == runs[1].outer_loss
 
 
+@pytest.mark.parametrize("harmful", ["diffusion", "esd"])
+def test_the_harmful_loss_reads_every_concept_in_one_pass_as_one_pass_each_would(
+    world_model, tmp_path, harmful
+):
+    from diffimmune.core.objective import diffusion_loss
+
+    concepts = ["world:shape=star", "world:shape=square", "world:shape=triangle"]
+    method, params = _method(world_model, tmp_path, concepts=concepts, harmful_loss=harmful, max_loss=0.3)
+    merged = method.merged(method.lora_state(params))
+    batches = method.harmful_batches(torch.Generator().manual_seed(4))
+    calls = []
+    denoise = method.model.denoise
+    method.model.denoise = lambda *a, **k: calls.append(1) or denoise(*a, **k)
+    capped: list[bool] = []
+    try:
+        joined = method.harmful_loss(merged, batches, capped)
+    finally:
+        method.model.denoise = denoise
+    assert len(calls) == 1 and len(capped) == (3 if harmful == "diffusion" else 0)
+    separate = 0.0
+    for batch in batches:
+        if harmful == "esd":
+            prediction = denoise(merged, batch.meta["x_t"], batch.timesteps, batch.meta["condition"])
+            separate = separate + (prediction.float() - batch.meta["target"].float()).pow(2).mean()
+        else:
+            loss = diffusion_loss(method.model, merged, batch)
+            separate = separate - (loss.detach() + 0.0 * loss if loss.item() > 0.3 else loss)
+    assert torch.allclose(joined, separate, rtol=1e-5, atol=1e-7)
+    lora = list(method.lora_state(params).values())
+    a = torch.autograd.grad(joined, lora, retain_graph=True, allow_unused=True)
+    b = torch.autograd.grad(separate, lora, allow_unused=True)
+    for x, y in zip(a, b, strict=True):
+        assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, rtol=1e-4, atol=1e-7))
+
+
 def test_relearn_weight_zero_is_plain_unlearning(world_model, tmp_path):
     method, params = _method(world_model, tmp_path, relearn_weight=0.0, concepts=["world:shape=star"])
     output = method.step(params, 0, torch.Generator().manual_seed(3))

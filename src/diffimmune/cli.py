@@ -521,6 +521,13 @@ def immunize(
         float | None,
         typer.Option(help="guidance of --retain-loss guided and of the --retain-states sampler (default 4)"),
     ] = None,
+    retain_projection: Annotated[
+        float | None,
+        typer.Option(
+            help="keep each trained layer's change out of the directions its retain inputs take: the share "
+            "of their energy kept, e.g. 0.99 (default off)"
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
     ] = True,
@@ -560,6 +567,7 @@ def immunize(
         "retain_states": retain_states,
         "retain_guidance_scale": retain_guidance_scale,
         "retain_rollout_steps": retain_rollout_steps,
+        "retain_projection": retain_projection,
     }
     if concepts is not None:
         flags["concepts"] = concept_specs(concepts, data, model_world(diffusion_model))

@@ -215,7 +215,7 @@ def progress_bar(enabled: bool, description: str, total: int, completed: int):
 
 
 # ----------------------------------------------------------------------------- the loop
-def _as_step_output(result, params: dict[str, Tensor]) -> StepOutput:
+def as_step_output(result, params: dict[str, Tensor]) -> StepOutput:
     if isinstance(result, StepOutput):
         return result
     metrics = {}
@@ -239,12 +239,14 @@ def train(
     progress: bool = True,
     description: str = "training",
     on_step_end: Callable[[int, dict[str, Tensor]], None] | None = None,
+    after_update: Callable[[dict[str, Tensor]], None] | None = None,
 ) -> TrainResult:
     """Optimise `params` (leaf tensors, updated in place) for `config.steps` steps of `step_fn`.
 
     With `out_dir`, checkpoints go to `out_dir/checkpoints/` every `checkpoint_every` steps and at the
     end, metrics to `out_dir/metrics.jsonl`; `resume=True` continues from the last checkpoint.
-    `on_step_end(step, params)` runs after each update with the 1-based step count.
+    `on_step_end(step, params)` runs after each update with the 1-based step count; `after_update(params)`
+    runs right after each optimiser step, before the checkpoint (a projection of the updated tensors).
     """
     for name, tensor in params.items():
         if not tensor.is_leaf:
@@ -270,7 +272,7 @@ def train(
     with bar:
         for step in range(start, config.steps):
             generator = torch.Generator().manual_seed(step_seed(config.seed, step))
-            output = _as_step_output(step_fn(params, step, generator), params)
+            output = as_step_output(step_fn(params, step, generator), params)
             if not math.isfinite(output.loss):
                 raise DiffImmuneError(
                     f"{description}: loss became {output.loss} at step {step + 1}; lower the learning rate"
@@ -281,6 +283,9 @@ def train(
             if config.grad_clip is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(tensors, config.grad_clip))
             optimizer.step()
+            if after_update is not None:
+                with torch.no_grad():
+                    after_update(params)
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1

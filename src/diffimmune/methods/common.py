@@ -121,6 +121,8 @@ IMMUNIZE_FIELDS_ADDED = {
     "retain_guidance_scale": 4.0,
     "inner_optimizer": "sgd",
     "retain_rollout_steps": 3,
+    "retain_projection": None,
+    "retain_projection_samples": 256,
 }
 
 
@@ -211,6 +213,17 @@ class ImmunizeConfig(StrictModel):
         ge=1.0,
         description="classifier-free guidance of the retain_states sampler's trajectories and of retain_loss "
         "guided (default: the evaluation's)",
+    )
+    retain_projection: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="keep the released change of every trained linear and convolution layer out of the "
+        "directions its inputs take on the retain data (core/projection.py): the share of their energy "
+        "kept fixed, e.g. 0.99 (None: off); other trained tensors stay frozen under it",
+    )
+    retain_projection_samples: int = Field(
+        default=256, gt=0, description="retain_projection: retain samples its bases are measured on"
     )
     reg_prompts: int = Field(default=200, gt=0, description="regularisation prompts of the merge")
     merge_directions: int = Field(default=3, gt=0, description="constraint directions per concept")
@@ -366,6 +379,16 @@ class ImmunizeConfig(StrictModel):
                     f"retain_rollout_steps ({self.retain_rollout_steps}) must be under retain_sampler_steps "
                     f"({self.retain_sampler_steps}): a rollout ends at a recorded state"
                 )
+        if self.retain_projection is not None and (self.selection or "").startswith("text_"):
+            raise ValueError(
+                f"retain_projection covers the denoiser's layers; selection {self.selection} trains the text "
+                "encoder: choose a denoiser selection"
+            )
+        if self.retain_projection is not None and self.method == "resalign":
+            raise ValueError(
+                "retain_projection constrains the released tensors themselves; ResAlign trains LoRA factors "
+                "merged at the end, so remove it (or use another method)"
+            )
         fields = type(self).model_fields
         for name, readers in FIELD_READERS.items():
             if self.method in readers:
@@ -603,6 +626,44 @@ class Context:
         total = drift.sum()
         retain.weights = uniform if total <= 0 else 0.5 * uniform + 0.5 * drift / total
 
+    def retain_projection(self, trained: list[str]):
+        """`retain_projection`: the bases of the trained denoiser layers, measured on the starting model over
+        `retain_projection_samples` retain samples (drawn from the retain pool with seed + 3000, each at
+        its own noise and timestep, or at its recorded sampler state), read under their prompts and under
+        the empty prompt (the two halves classifier-free guidance combines)."""
+        from diffimmune.core.projection import retain_bases
+
+        config = self.config
+        if self.retain_pool is None:
+            raise DiffImmuneError(
+                "retain_projection needs retain data: set retain to a data string of concepts to keep"
+            )
+        outside = [n for n in trained if not n.startswith("unet.")]
+        if outside:
+            raise DiffImmuneError(
+                f"retain_projection covers the denoiser's layers; selection {config.resolved('selection')!r} "
+                f"also trains {outside[0]} (and {len(outside) - 1} more): choose a denoiser selection"
+            )
+        pool = self.retain_pool
+        generator = torch.Generator().manual_seed(config.seed + 3000)
+        index = torch.randint(0, len(pool.x0), (config.retain_projection_samples,), generator=generator)
+        batch = Batch(
+            pool.x0[index],
+            [pool.prompts[i] for i in index.tolist()],
+            timesteps=None if pool.timesteps is None else pool.timesteps[index],
+            noisy=pool.timesteps is not None,
+        )
+        x_t, timesteps = noisy_inputs(self.model, batch, generator)
+
+        def run_retain() -> None:
+            for texts in (batch.prompts, [""] * len(batch)):
+                for start in range(0, len(x_t), 32):
+                    stop = start + 32
+                    embeddings = self.model.encode_prompts(texts[start:stop])
+                    self.model.denoise(None, x_t[start:stop], timesteps[start:stop], embeddings)
+
+        return retain_bases(self.model.unet, "unet.", trained, run_retain, config.retain_projection)
+
     def _retain_predictions(self, params, x_t: Tensor, timesteps: Tensor, chunk: int = 32) -> list[Tensor]:
         prompts = self.retain_pool.prompts
         both = self.config.retain_unconditional or self.config.retain_distill_guidance() is not None
@@ -715,7 +776,7 @@ def immunize(
 ) -> ImmunizeRun:
     """Train `config.method` on `model` and write the changed tensors to OUT/delta. The model's own
     weights end up immunized too (they are the trained tensors)."""
-    from diffimmune.core.train import train
+    from diffimmune.core.train import as_step_output, train
 
     out_dir = ensure_writable_folder(out_dir, "immunization folder")
     record = {"config": config.model_dump(mode="json"), "model": model.source}
@@ -747,7 +808,25 @@ def immunize(
         seed=config.seed,
     )
 
+    projection = None
+    if config.retain_projection is not None:
+        projection = context.retain_projection(method.theta_names)
+        if log is not None:
+            shape = projection.summary()
+            log(
+                f"retain_projection {config.retain_projection}: {shape['layers']} layers keep their retain "
+                f"outputs ({shape['free_share']:.0%} of their input directions free on average), "
+                f"{shape['frozen']} other trained tensor(s) frozen"
+            )
+
     def step_fn(values, step, generator):
+        output = _step(values, step, generator)
+        if projection is not None:  # only feasible directions reach the optimiser's moments
+            output = as_step_output(output, values)
+            projection.project_(output.grads)
+        return output
+
+    def _step(values, step, generator):
         if config.retain_sampling == "hard" and context.retain_pool is not None:
             if step % config.retain_refresh == 0:
                 context.refresh_retain_weights(method.finalize(values))
@@ -767,6 +846,7 @@ def immunize(
         resume=resume,
         progress=progress,
         description=f"immunize {config.method}",
+        after_update=None if projection is None else lambda p: projection.project_params_(p, reference),
     )
     final = method.finalize(params)
     model.load_parameters(final)

@@ -53,6 +53,7 @@ from diffimmune.config import AttackConfig
 from diffimmune.core.hypergrad import HypergradResult, ImplicitConfig, adam_step, hypergradient
 from diffimmune.core.objective import (
     Batch,
+    batch_losses,
     diffusion_loss,
     distillation_loss,
     math_attention,
@@ -309,17 +310,24 @@ class ResAlign(Method):
         return batches
 
     def harmful_loss(self, params: Params, batches: list[Batch], capped: list[bool] | None = None) -> Tensor:
-        """L_h summed over the target concepts (minimised). `capped`, if given, receives one flag per
-        batch: whether its loss was past `max_loss` (no gradient from it)."""
+        """L_h summed over the target concepts (minimised), every concept read in one denoiser pass.
+        `capped`, if given, receives one flag per batch: whether its loss was past `max_loss` (no
+        gradient from it)."""
+        if self.config.harmful_loss == "esd":
+            sizes = [len(batch) for batch in batches]
+            predictions = self.model.denoise(
+                params,
+                torch.cat([batch.meta["x_t"] for batch in batches]),
+                torch.cat([batch.timesteps for batch in batches]),
+                torch.cat([batch.meta["condition"] for batch in batches]),
+            ).split(sizes)
+            return sum(
+                (prediction.float() - batch.meta["target"].float()).pow(2).mean()
+                for prediction, batch in zip(predictions, batches, strict=True)
+            )
         total = 0.0
-        for batch in batches:
-            if self.config.harmful_loss == "esd":
-                prediction = self.model.denoise(
-                    params, batch.meta["x_t"], batch.timesteps, batch.meta["condition"]
-                )
-                total = total + (prediction.float() - batch.meta["target"].float()).pow(2).mean()
-                continue
-            loss = diffusion_loss(self.model, params, batch)
+        # the batches' noise and timesteps are fixed (fixed_draws), so nothing is drawn here
+        for loss in batch_losses(self.model, params, batches):
             past = self.config.max_loss is not None and loss.item() > self.config.max_loss
             if capped is not None:
                 capped.append(past)

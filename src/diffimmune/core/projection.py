@@ -1,0 +1,171 @@
+"""Null-space projection of a released change: the change keeps the retain data's layer outputs.
+
+`retain_projection` (an immunization option) confines the change of every trained linear and
+convolution layer to the directions its inputs on the retain data do not use. For a layer with weight
+W (out x d; a convolution's kernel flattened over its input patches) and bias b, the retain inputs x
+(with a constant 1 appended when the bias is trained, so that W x + b is one product) have the
+uncentred second moment C = E[x x^T]. Its leading eigenvectors U, enough to hold a share `energy` of
+its trace, span what the retain data puts into the layer; the change Delta is kept to Delta (I - U U^T),
+so Delta x ~ 0 for every retain input and the layer's output on the retain data does not move (exactly
+in the span, to first order through the layers before it). The idea is that of gradient projection in
+continual learning (Saha et al., GPM, ICLR 2021) and of null-space model editing (AlphaEdit, ICLR 2025):
+a hard constraint on the whole retain distribution rather than a penalty on sampled retain batches.
+
+Owns `RetainProjection` (the bases, projecting gradients and changes in place) and `retain_bases`
+(the bases measured on a model with forward pre-hooks). Trained tensors of other layers (normalisation
+scales, embeddings) stay at their starting values under the projection: they have no input to project
+against. A bias trained without its weight is frozen too (it moves every retain output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerBasis", "RetainProjection", "retain_bases"]
+
+
+@dataclass
+class LayerBasis:
+    """The retain inputs' leading directions for one layer: `basis` (d [+1] x k, orthonormal columns)."""
+
+    weight: str | None  # the trained weight's name (None: not trained)
+    bias: str | None  # the trained bias's name, projected jointly with the weight (None: not trained)
+    basis: Tensor
+    dims: int  # d, or d + 1 with the bias column
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+
+class RetainProjection:
+    """Projects changes of trained tensors onto the retain inputs' null space, layer by layer."""
+
+    def __init__(self, layers: list[LayerBasis], frozen: list[str]):
+        self.layers = layers
+        self.frozen = list(frozen)  # trained tensors the projection keeps at their starting values
+
+    def summary(self) -> dict[str, float]:
+        """What the constraint leaves free: layers, tensors frozen, and the mean share of free directions."""
+        free = [1.0 - layer.rank / layer.dims for layer in self.layers]
+        return {
+            "layers": len(self.layers),
+            "frozen": len(self.frozen),
+            "free_share": sum(free) / max(1, len(free)),
+        }
+
+    @torch.no_grad()
+    def project_(self, changes: dict[str, Tensor]) -> None:
+        """Replace each change in `changes` (keyed by tensor name; gradients or parameter differences)
+        by its projection, in place. Names the projection does not know are left alone."""
+        for name in self.frozen:
+            if name in changes and changes[name] is not None:
+                changes[name].zero_()
+        for layer in self.layers:
+            weight = changes.get(layer.weight) if layer.weight else None
+            bias = changes.get(layer.bias) if layer.bias else None
+            if weight is None and bias is None:
+                continue
+            columns = [weight.reshape(weight.shape[0], -1)] if weight is not None else []
+            if bias is not None:
+                columns.append(bias.reshape(-1, 1))
+            joint = torch.cat(columns, 1) if len(columns) > 1 else columns[0]
+            basis = layer.basis.to(joint.dtype)
+            joint = joint - (joint @ basis) @ basis.T
+            if weight is not None:
+                width = weight[0].numel()
+                weight.copy_(joint[:, :width].reshape(weight.shape))
+            if bias is not None:
+                bias.copy_(joint[:, -1])
+
+    @torch.no_grad()
+    def project_params_(self, params: dict[str, Tensor], reference: dict[str, Tensor]) -> None:
+        """params <- reference + projection of (params - reference), for the tensors it covers."""
+        names = [n for layer in self.layers for n in (layer.weight, layer.bias) if n] + self.frozen
+        changes = {n: params[n] - reference[n] for n in names if n in params}
+        self.project_(changes)
+        for name, change in changes.items():
+            params[name].copy_(reference[name] + change)
+
+
+def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
+    """The rows the layer multiplies its weight with: features (linear) or unfolded patches (conv)."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(
+            x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+        )
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _leading(moment: Tensor, energy: float) -> Tensor:
+    """Orthonormal eigenvectors of a PSD matrix holding a share `energy` of its trace, largest first."""
+    values, vectors = torch.linalg.eigh(moment)
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+    total = float(values.sum())
+    if total <= 0:
+        return vectors[:, :0]
+    kept = int(torch.searchsorted(torch.cumsum(values, 0) / total, torch.tensor(energy, dtype=values.dtype)))
+    return vectors[:, : min(kept + 1, len(values))]
+
+
+@torch.no_grad()
+def retain_bases(
+    module: nn.Module,
+    prefix: str,
+    trained: Iterable[str],
+    run_retain: Callable[[], None],
+    energy: float,
+) -> RetainProjection:
+    """Measure the bases on `module` (its tensors named `prefix` + local name): `run_retain()` runs the
+    module over the retain data (every call is accumulated). Layers whose weight or bias is among
+    `trained` get a basis; other trained tensors are frozen. Groups other than one are not supported:
+    such a convolution's tensors are frozen."""
+    trained = set(trained)
+    moments: dict[str, list] = {}
+    layers: dict[str, tuple[str | None, str | None]] = {}
+    handles = []
+    try:
+        for local, child in module.named_modules():
+            if not isinstance(child, nn.Linear | nn.Conv2d):
+                continue
+            if isinstance(child, nn.Conv2d) and child.groups != 1:
+                continue
+            weight = f"{prefix}{local}.weight"
+            bias = f"{prefix}{local}.bias" if child.bias is not None else None
+            weight_trained = weight in trained
+            bias_trained = bias is not None and bias in trained
+            if not weight_trained:
+                continue  # a bias alone is frozen (below)
+            layers[local] = (weight, bias if bias_trained else None)
+            moments[local] = [None, 0, child.weight.dtype]
+
+            def hook(mod, args, local=local, with_bias=bias_trained):
+                rows = _layer_inputs(mod, args[0].detach()).double()
+                if with_bias:
+                    rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
+                entry = moments[local]
+                product = rows.T @ rows
+                entry[0] = product if entry[0] is None else entry[0] + product
+                entry[1] += len(rows)
+
+            handles.append(child.register_forward_pre_hook(hook))
+        run_retain()
+    finally:
+        for handle in handles:
+            handle.remove()
+    bases = []
+    for local, (weight, bias) in layers.items():
+        moment, count, dtype = moments[local]
+        if moment is None:  # the retain pass never reached the layer: it is frozen (below)
+            continue
+        basis = _leading(moment / max(count, 1), energy).to(dtype)
+        bases.append(LayerBasis(weight, bias, basis, moment.shape[0]))
+    reached = {n for layer in bases for n in (layer.weight, layer.bias) if n}
+    frozen = sorted(n for n in trained if n not in reached and n.startswith(prefix))
+    return RetainProjection(bases, frozen)

@@ -1,0 +1,214 @@
+"""retain_projection (core/projection.py): a projected change leaves every layer's output on the retain
+inputs where it was and still moves it on other inputs; tensors without an input to project against are
+frozen; on the fast world an immunization under it drifts far less on the retain data than one without,
+resumes to the same delta, and takes the flag from the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+from typer.testing import CliRunner
+
+from diffimmune.cli import app
+from diffimmune.core.objective import Batch, distillation_loss
+from diffimmune.core.projection import retain_bases
+from diffimmune.data.sources import model_world
+from diffimmune.methods.common import Context, ImmunizeConfig, immunize, method_registry
+from diffimmune.models.diffusion_model import load_model
+
+runner = CliRunner()
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 6)
+        self.linear = nn.Linear(6, 5)
+        self.plain = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x)).mean((2, 3))
+        return self.plain(self.linear(h))
+
+
+def retain_images(generator: torch.Generator, count: int = 64) -> torch.Tensor:
+    """Images whose pixels all lie in one 2-dimensional subspace of the 4 channels."""
+    directions = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+    coefficients = torch.randn(count, 2, 8, 8, generator=generator, dtype=torch.float64)
+    return torch.einsum("bkhw,kc->bchw", coefficients, directions)
+
+
+def layer_outputs(toy: Toy, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    conv = toy.conv(x)
+    h = toy.norm(conv).mean((2, 3))
+    linear = toy.linear(h)
+    return {"conv": conv, "linear": linear, "plain": toy.plain(linear)}
+
+
+def projected_toy(energy: float = 1 - 1e-9, trained=None):
+    generator = torch.Generator().manual_seed(0)
+    toy = Toy().double()
+    retain = retain_images(generator)
+    trained = trained or [f"toy.{n}" for n, _ in toy.named_parameters() if not n.startswith("norm")]
+    projection = retain_bases(toy, "toy.", trained, lambda: toy(retain), energy)
+    return toy, retain, projection, generator
+
+
+def test_a_projected_change_keeps_each_layers_outputs_on_the_retain_inputs():
+    toy, retain, projection, generator = projected_toy()
+    start = {f"toy.{n}": p.detach().clone() for n, p in toy.named_parameters()}
+    before = layer_outputs(toy, retain)
+    other = torch.randn(8, 4, 8, 8, generator=generator, dtype=torch.float64)
+    before_other = layer_outputs(toy, other)
+    params = {n: p + torch.randn(p.shape, generator=generator, dtype=p.dtype) for n, p in start.items()}
+    params |= {n: p for n, p in start.items() if n.startswith("toy.norm")}  # not trained
+    projection.project_params_(params, start)
+    with torch.no_grad():
+        for name, p in toy.named_parameters():
+            p.copy_(params[f"toy.{name}"])
+    after, after_other = layer_outputs(toy, retain), layer_outputs(toy, other)
+    # Layer by layer, on what each layer receives from the (changed) layers before it: the conv sees the
+    # retain images themselves, so its retain outputs stay put exactly; the change is large elsewhere.
+    assert torch.allclose(after["conv"], before["conv"], atol=1e-9)
+    assert (after_other["conv"] - before_other["conv"]).abs().max() > 0.1
+    # The linear layers' inputs moved with the conv's change off the retain data only, so on the retain
+    # data the whole network's output is kept.
+    assert torch.allclose(after["plain"], before["plain"], atol=1e-8)
+    assert (after_other["plain"] - before_other["plain"]).abs().max() > 0.01
+    # Projecting again changes nothing (a projection), and the bias moved with its weight.
+    again = {n: t.clone() for n, t in params.items()}
+    projection.project_params_(again, start)
+    assert all(torch.allclose(again[n], params[n], atol=1e-12) for n in params)
+    assert not torch.equal(params["toy.conv.bias"], start["toy.conv.bias"])
+
+
+def test_an_unprojected_change_moves_the_retain_outputs():
+    """The control: the same random change without the projection moves the conv's retain outputs."""
+    toy, retain, _, generator = projected_toy()
+    before = toy.conv(retain)
+    with torch.no_grad():
+        for p in toy.conv.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    assert (toy.conv(retain) - before).abs().max() > 0.1
+
+
+def test_tensors_without_an_input_to_project_against_are_frozen():
+    trained = ["toy.norm.weight", "toy.linear.bias", "toy.conv.weight"]
+    toy, _, projection, generator = projected_toy(trained=trained)
+    assert sorted(projection.frozen) == ["toy.linear.bias", "toy.norm.weight"]
+    grads = {n: torch.randn(3, generator=generator) for n in ("toy.norm.weight", "toy.linear.bias")}
+    projection.project_(grads)
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+    assert [layer.weight for layer in projection.layers] == ["toy.conv.weight"]
+    assert projection.layers[0].bias is None  # an untrained bias is not projected with its weight
+
+
+def test_a_lower_energy_keeps_fewer_directions():
+    ranks = [projected_toy(energy)[2].layers[0].rank for energy in (0.5, 0.9, 1 - 1e-9)]
+    assert ranks[0] < ranks[1] < ranks[2] < 4 * 9 + 1  # the retain patches span a proper subspace
+
+
+def retain_drift(model, context, released) -> float:
+    """Distillation loss of `released` on every retain image, one fixed noisy sample each."""
+    retain = context.retain
+    batch = Batch(retain.x0, retain.prompts)
+    generator = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        return float(distillation_loss(model, released, batch, generator))
+
+
+def test_an_immunization_under_the_projection_keeps_the_retain_data_far_better(fast_world, tmp_path):
+    world_dir = fast_world[1].model_dir
+    settings = {
+        "method": "imma",
+        "concepts": ["world:shape=star"],
+        "selection": "unet",
+        "hypergradient": "first_order",
+        "steps": 3,
+        "batch_size": 2,
+        "num_images": 4,
+        "reg_prompts": 16,
+        "learning_rate": 1e-3,
+        "retain_projection_samples": 64,
+    }
+    drifts, moved = {}, {}
+    for label, extra in (("plain", {}), ("projected", {"retain_projection": 0.999})):
+        model = load_model(world_dir)
+        start = {n: t.detach().clone() for n, t in model.named_parameters().items()}
+        config = ImmunizeConfig(**settings, **extra)
+        run = immunize(model, config, tmp_path / label, progress=False, world=model_world(model))
+        reference = load_model(world_dir)
+        context = Context(reference, config, tmp_path / f"{label}-probe", model_world(reference))
+        released = {n: model.named_parameters()[n] for n in run.changed}
+        drifts[label] = retain_drift(reference, context, released)
+        moved[label] = sum(float((released[n] - start[n]).norm()) for n in run.changed)
+        if label == "projected":
+            # normalisation and embedding tensors stay where they were; linear and conv layers move
+            assert not any("norm" in n for n in run.changed)
+            assert any(n.endswith("conv1.weight") for n in run.changed)
+    assert moved["projected"] > 0.2 * moved["plain"]  # the weights still move about as much ...
+    assert drifts["projected"] < 0.2 * drifts["plain"]  # ... with a fraction of the drift on retain data
+
+
+def test_a_killed_projected_run_resumes_to_the_same_delta(fast_world, tmp_path):
+    world_dir = fast_world[1].model_dir
+    config = ImmunizeConfig(
+        method="imma",
+        concepts=["world:shape=star"],
+        hypergradient="first_order",
+        steps=4,
+        batch_size=2,
+        num_images=4,
+        reg_prompts=16,
+        checkpoint_every=1,
+        retain_projection=0.99,
+        retain_projection_samples=32,
+    )
+    world = model_world(load_model(world_dir))
+    straight = immunize(load_model(world_dir), config, tmp_path / "straight", progress=False, world=world)
+    short = config.model_copy(update={"steps": 2})
+    immunize(load_model(world_dir), short, tmp_path / "killed", progress=False, world=world)
+    resumed = immunize(load_model(world_dir), config, tmp_path / "killed", progress=False, world=world)
+    a, b = load_model(straight.out_dir).named_parameters(), load_model(resumed.out_dir).named_parameters()
+    assert straight.changed and all(torch.equal(a[n], b[n]) for n in straight.changed)
+
+
+def test_cli_takes_retain_projection_and_refuses_it_where_it_cannot_hold(fast_world, tmp_path):
+    out = tmp_path / "run"
+    arguments = [
+        "immunize", "--model", str(fast_world[1].model_dir), "--method", "imma", "--concepts", "star",
+        "--steps", "1", "--hypergradient", "first_order", "--retain-projection", "0.9", "--out", str(out),
+    ]  # fmt: skip
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "immunize.json").read_text())["config"]["retain_projection"] == 0.9
+    with pytest.raises(ValidationError, match="ResAlign trains LoRA factors"):
+        ImmunizeConfig(method="resalign", concepts=["world:shape=star"], retain_projection=0.9)
+    with pytest.raises(ValidationError, match="retain_projection"):
+        ImmunizeConfig(method="imma", concepts=["world:shape=star"], retain_projection=1.5)
+    bad = arguments[:-2] + ["--selection", "text_encoder", "--out", str(tmp_path / "bad")]
+    result = runner.invoke(app, bad)
+    assert result.exit_code != 0 and "choose a denoiser selection" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "bad" / "immunize.json").exists()
+
+
+def test_the_context_measures_bases_for_the_trained_layers(world_model, tmp_path):
+    config = ImmunizeConfig(
+        method="imma",
+        concepts=["world:shape=star"],
+        selection="attn",
+        reg_prompts=16,
+        retain_projection=0.9,
+        retain_projection_samples=32,
+    )
+    context = Context(world_model, config, tmp_path, model_world(world_model))
+    method = method_registry()["imma"](context)
+    projection = context.retain_projection(method.theta_names)
+    weights = {layer.weight for layer in projection.layers}
+    assert weights == {n for n in method.theta_names if n.endswith(".weight")}
+    assert 0 < projection.summary()["free_share"] < 1
