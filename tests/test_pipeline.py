@@ -236,6 +236,8 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
         "outer_models",
         "inner_optimizer",
         "retain_rollout_steps",
+        "retain_projection",
+        "retain_projection_samples",
     )
     assert not set(added) & set(immunize_key(config))  # what runs before the fields hashed
     assert immunize_key(config) == {k: v for k, v in config.model_dump(mode="json").items() if k not in added}
@@ -246,3 +248,5 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
     assert immunize_key(distilled)["retain_unconditional"] is True
     adam = ImmunizeConfig(method="mima", concepts=["world:shape=star"], inner_optimizer="adam")
     assert immunize_key(adam)["inner_optimizer"] == "adam"
+    projected = ImmunizeConfig(method="mima", concepts=["world:shape=star"], retain_projection=0.9)
+    assert immunize_key(projected)["retain_projection"] == 0.9

@@ -122,25 +122,21 @@ def retain_drift(model, context, released) -> float:
         return float(distillation_loss(model, released, batch, generator))
 
 
+def small_imma(**overrides) -> ImmunizeConfig:
+    """A few first-order IMMA steps on the star, on small data."""
+    settings = {"concepts": ["world:shape=star"], "hypergradient": "first_order", "batch_size": 2}
+    settings |= {"num_images": 4, "reg_prompts": 16, "retain_projection_samples": 32}
+    return ImmunizeConfig(method="imma", **{**settings, **overrides})
+
+
 def test_an_immunization_under_the_projection_keeps_the_retain_data_far_better(fast_world, tmp_path):
     world_dir = fast_world[1].model_dir
-    settings = {
-        "method": "imma",
-        "concepts": ["world:shape=star"],
-        "selection": "unet",
-        "hypergradient": "first_order",
-        "steps": 3,
-        "batch_size": 2,
-        "num_images": 4,
-        "reg_prompts": 16,
-        "learning_rate": 1e-3,
-        "retain_projection_samples": 64,
-    }
+    settings = {"selection": "unet", "steps": 3, "learning_rate": 1e-3, "retain_projection_samples": 64}
     drifts, moved = {}, {}
     for label, extra in (("plain", {}), ("projected", {"retain_projection": 0.999})):
         model = load_model(world_dir)
         start = {n: t.detach().clone() for n, t in model.named_parameters().items()}
-        config = ImmunizeConfig(**settings, **extra)
+        config = small_imma(**settings, **extra)
         run = immunize(model, config, tmp_path / label, progress=False, world=model_world(model))
         reference = load_model(world_dir)
         context = Context(reference, config, tmp_path / f"{label}-probe", model_world(reference))
@@ -157,18 +153,7 @@ def test_an_immunization_under_the_projection_keeps_the_retain_data_far_better(f
 
 def test_a_killed_projected_run_resumes_to_the_same_delta(fast_world, tmp_path):
     world_dir = fast_world[1].model_dir
-    config = ImmunizeConfig(
-        method="imma",
-        concepts=["world:shape=star"],
-        hypergradient="first_order",
-        steps=4,
-        batch_size=2,
-        num_images=4,
-        reg_prompts=16,
-        checkpoint_every=1,
-        retain_projection=0.99,
-        retain_projection_samples=32,
-    )
+    config = small_imma(steps=4, checkpoint_every=1, retain_projection=0.99)
     world = model_world(load_model(world_dir))
     straight = immunize(load_model(world_dir), config, tmp_path / "straight", progress=False, world=world)
     short = config.model_copy(update={"steps": 2})
@@ -198,14 +183,7 @@ def test_cli_takes_retain_projection_and_refuses_it_where_it_cannot_hold(fast_wo
 
 
 def test_the_context_measures_bases_for_the_trained_layers(world_model, tmp_path):
-    config = ImmunizeConfig(
-        method="imma",
-        concepts=["world:shape=star"],
-        selection="attn",
-        reg_prompts=16,
-        retain_projection=0.9,
-        retain_projection_samples=32,
-    )
+    config = small_imma(selection="attn", retain_projection=0.9)
     context = Context(world_model, config, tmp_path, model_world(world_model))
     method = method_registry()["imma"](context)
     projection = context.retain_projection(method.theta_names)
