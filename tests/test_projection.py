@@ -190,3 +190,24 @@ def test_the_context_measures_bases_for_the_trained_layers(world_model, tmp_path
     weights = {layer.weight for layer in projection.layers}
     assert weights == {n for n in method.theta_names if n.endswith(".weight")}
     assert 0 < projection.summary()["free_share"] < 1
+
+
+def test_a_change_with_only_one_part_of_a_joint_layer_is_projected_as_the_full_row():
+    """A gradient dict without the weight (or bias) of a layer projected jointly reads the missing part as
+    zero, as the full [weight | bias] row with that part zero would be projected."""
+    toy, _, projection, generator = projected_toy()
+    conv = next(layer for layer in projection.layers if layer.weight == "toy.conv.weight")
+    weight, bias = toy.conv.weight, toy.conv.bias
+    for present in ("toy.conv.weight", "toy.conv.bias"):
+        full = {
+            "toy.conv.weight": torch.zeros_like(weight),
+            "toy.conv.bias": torch.zeros_like(bias),
+        }
+        full[present] = torch.randn(full[present].shape, generator=generator, dtype=weight.dtype)
+        alone = {present: full[present].clone()}
+        projection.project_(alone)
+        projection.project_(full)
+        assert torch.allclose(alone[present], full[present], atol=1e-12)
+        if present.endswith("weight"):  # a bias alone moves every retain output: nothing of it is free
+            assert not torch.allclose(alone[present], torch.zeros_like(alone[present]))
+    assert conv.bias == "toy.conv.bias"

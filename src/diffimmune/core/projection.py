@@ -33,7 +33,7 @@ __all__ = ["LayerBasis", "RetainProjection", "retain_bases"]
 class LayerBasis:
     """The retain inputs' leading directions for one layer: `basis` (d [+1] x k, orthonormal columns)."""
 
-    weight: str | None  # the trained weight's name (None: not trained)
+    weight: str  # the trained weight's name
     bias: str | None  # the trained bias's name, projected jointly with the weight (None: not trained)
     basis: Tensor
     dims: int  # d, or d + 1 with the bias column
@@ -67,18 +67,22 @@ class RetainProjection:
             if name in changes and changes[name] is not None:
                 changes[name].zero_()
         for layer in self.layers:
-            weight = changes.get(layer.weight) if layer.weight else None
+            weight = changes.get(layer.weight)
             bias = changes.get(layer.bias) if layer.bias else None
             if weight is None and bias is None:
                 continue
-            columns = [weight.reshape(weight.shape[0], -1)] if weight is not None else []
-            if bias is not None:
-                columns.append(bias.reshape(-1, 1))
+            # The basis spans [weight | bias] together; a part missing from `changes` (no gradient) is a
+            # zero change, so the projection still sees the joint row it was measured for.
+            present = weight if weight is not None else bias
+            width = layer.dims - (1 if layer.bias else 0)
+            rows = present.shape[0]
+            columns = [present.new_zeros(rows, width) if weight is None else weight.reshape(rows, -1)]
+            if layer.bias:
+                columns.append(present.new_zeros(rows, 1) if bias is None else bias.reshape(-1, 1))
             joint = torch.cat(columns, 1) if len(columns) > 1 else columns[0]
             basis = layer.basis.to(joint.dtype)
             joint = joint - (joint @ basis) @ basis.T
             if weight is not None:
-                width = weight[0].numel()
                 weight.copy_(joint[:, :width].reshape(weight.shape))
             if bias is not None:
                 bias.copy_(joint[:, -1])
@@ -128,7 +132,7 @@ def retain_bases(
     such a convolution's tensors are frozen."""
     trained = set(trained)
     moments: dict[str, list] = {}
-    layers: dict[str, tuple[str | None, str | None]] = {}
+    layers: dict[str, tuple[str, str | None]] = {}
     handles = []
     try:
         for local, child in module.named_modules():

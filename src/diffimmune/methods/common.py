@@ -656,18 +656,20 @@ class Context:
         x_t, timesteps = noisy_inputs(self.model, batch, generator)
 
         def run_retain() -> None:
-            for texts in (batch.prompts, [""] * len(batch)):
-                for start in range(0, len(x_t), 32):
-                    stop = start + 32
-                    embeddings = self.model.encode_prompts(texts[start:stop])
-                    self.model.denoise(None, x_t[start:stop], timesteps[start:stop], embeddings)
+            self._predictions(None, x_t, timesteps, batch.prompts, both_halves=True)
 
         return retain_bases(self.model.unet, "unet.", trained, run_retain, config.retain_projection)
 
-    def _retain_predictions(self, params, x_t: Tensor, timesteps: Tensor, chunk: int = 32) -> list[Tensor]:
-        prompts = self.retain_pool.prompts
+    def _retain_predictions(self, params, x_t: Tensor, timesteps: Tensor) -> list[Tensor]:
         both = self.config.retain_unconditional or self.config.retain_distill_guidance() is not None
-        halves = [prompts, [""] * len(prompts)] if both else [prompts]
+        return self._predictions(params, x_t, timesteps, self.retain_pool.prompts, both)
+
+    def _predictions(
+        self, params, x_t: Tensor, timesteps: Tensor, prompts: list[str], both_halves: bool, chunk: int = 32
+    ) -> list[Tensor]:
+        """The denoiser's predictions under `params` (no grad, in chunks) at `x_t` for `prompts`, and with
+        `both_halves` also for the empty prompt: one tensor per half."""
+        halves = [prompts, [""] * len(prompts)] if both_halves else [prompts]
         found = []
         with torch.no_grad():
             for texts in halves:
