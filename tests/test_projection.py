@@ -211,3 +211,37 @@ def test_a_change_with_only_one_part_of_a_joint_layer_is_projected_as_the_full_r
         if present.endswith("weight"):  # a bias alone moves every retain output: nothing of it is free
             assert not torch.allclose(alone[present], torch.zeros_like(alone[present]))
     assert conv.bias == "toy.conv.bias"
+
+
+def test_target_words_keep_the_cross_attention_outputs_on_the_target_words(world_model, tmp_path):
+    """With retain_projection_target_words, a projected change of cross-attention K/V leaves their outputs
+    on the target word's token embeddings where they were (the erasure stays); without it the same change
+    moves them. Other layers' bases do not change."""
+    from diffimmune.methods.common import prompt_fed_layers
+    from diffimmune.methods.mima import word_embeddings
+
+    layers = prompt_fed_layers(world_model.unet)
+    assert layers and all(name.endswith((".to_k", ".to_v")) and "attn2" in name for name in layers)
+    projections = {}
+    for kept in (False, True):
+        config = small_imma(selection="unet", retain_projection=0.9, retain_projection_target_words=kept)
+        context = Context(world_model, config, tmp_path / str(kept), model_world(world_model))
+        method = method_registry()["imma"](context)
+        projections[kept] = context.retain_projection(method.theta_names)
+    star = context.concepts[0]
+    words = word_embeddings(world_model, star.prompts, star.word)
+    named = world_model.named_parameters()
+    moved = {}
+    for kept, projection in projections.items():
+        generator = torch.Generator().manual_seed(0)  # the same change for both
+        changes = {f"unet.{name}.weight": torch.randn(named[f"unet.{name}.weight"].shape, generator=generator)
+                   for name in layers}  # fmt: skip
+        projection.project_(changes)
+        moved[kept] = max(float((words @ change.T).norm() / change.norm()) for change in changes.values())
+    assert moved[True] < 1e-4 * moved[False]
+    ranks = {kept: {layer.weight: layer.rank for layer in p.layers} for kept, p in projections.items()}
+    for name, rank in ranks[True].items():
+        text_layer = any(name == f"unet.{layer}.weight" for layer in layers)
+        assert rank > ranks[False][name] if text_layer else rank == ranks[False][name]
+    with pytest.raises(ValidationError, match="set retain_projection too"):
+        ImmunizeConfig(method="imma", concepts=["world:shape=star"], retain_projection_target_words=True)

@@ -528,6 +528,15 @@ def immunize(
             "of their energy kept, e.g. 0.99 (default off)"
         ),
     ] = None,
+    retain_projection_target_words: Annotated[
+        bool | None,
+        typer.Option(
+            "--retain-projection-target-words/--no-retain-projection-target-words",
+            help="with --retain-projection: cross-attention K/V also keep their outputs on the target prompts' "
+            "tokens, so the erasure the model starts from stays",
+            show_default=False,
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")
     ] = True,
@@ -568,6 +577,7 @@ def immunize(
         "retain_guidance_scale": retain_guidance_scale,
         "retain_rollout_steps": retain_rollout_steps,
         "retain_projection": retain_projection,
+        "retain_projection_target_words": retain_projection_target_words,
     }
     if concepts is not None:
         flags["concepts"] = concept_specs(concepts, data, model_world(diffusion_model))

@@ -12,7 +12,10 @@ continual learning (Saha et al., GPM, ICLR 2021) and of null-space model editing
 a hard constraint on the whole retain distribution rather than a penalty on sampled retain batches.
 
 Owns `RetainProjection` (the bases, projecting gradients and changes in place) and `retain_bases`
-(the bases measured on a model with forward pre-hooks). Trained tensors of other layers (normalisation
+(the bases measured on a model with forward pre-hooks). `retain_bases` can also keep, in full, the
+directions of given inputs to chosen layers: immunization uses it to keep the prompt-fed layers
+(cross-attention K/V) fixed on the target words' token embeddings, where an erasure such as UCE's acts,
+so that the change cannot undo the erasure it starts from through the words themselves. Trained tensors of other layers (normalisation
 scales, embeddings) stay at their starting values under the projection: they have no input to project
 against. A bias trained without its weight is frozen too (it moves every retain output).
 """
@@ -118,6 +121,41 @@ def _leading(moment: Tensor, energy: float) -> Tensor:
     return vectors[:, : min(kept + 1, len(values))]
 
 
+def _span(moment: Tensor, tolerance: float = 1e-10) -> Tensor:
+    """Orthonormal eigenvectors of a PSD matrix spanning its whole range (eigenvalues above `tolerance`
+    times the largest)."""
+    values, vectors = torch.linalg.eigh(moment)
+    top = float(values.max()) if len(values) else 0.0
+    if top <= 0:
+        return vectors[:, :0]
+    return vectors[:, values > tolerance * top].flip(1)
+
+
+def _union(first: Tensor, second: Tensor) -> Tensor:
+    """An orthonormal basis of the span of two orthonormal column blocks."""
+    joined = torch.cat([first, second], 1)
+    if joined.shape[1] == 0:
+        return joined
+    left, singular, _ = torch.linalg.svd(joined, full_matrices=False)
+    return left[:, singular > 1e-6]
+
+
+def _accumulate(moments: dict[str, list], local: str, layers: dict[str, tuple[str, str | None]]):
+    """A forward pre-hook adding a layer's input rows' second moment to `moments[local]`."""
+    with_bias = layers[local][1] is not None
+
+    def hook(module, args):
+        rows = _layer_inputs(module, args[0].detach()).double()
+        if with_bias:
+            rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
+        entry = moments[local]
+        product = rows.T @ rows
+        entry[0] = product if entry[0] is None else entry[0] + product
+        entry[1] += len(rows)
+
+    return hook
+
+
 @torch.no_grad()
 def retain_bases(
     module: nn.Module,
@@ -125,11 +163,15 @@ def retain_bases(
     trained: Iterable[str],
     run_retain: Callable[[], None],
     energy: float,
+    kept: dict[str, Tensor] | None = None,
 ) -> RetainProjection:
     """Measure the bases on `module` (its tensors named `prefix` + local name): `run_retain()` runs the
     module over the retain data (every call is accumulated). Layers whose weight or bias is among
     `trained` get a basis; other trained tensors are frozen. Groups other than one are not supported:
-    such a convolution's tensors are frozen."""
+    such a convolution's tensors are frozen.
+
+    `kept` maps local layer names to input rows [n, d] whose outputs the change must keep in full: every
+    direction they span joins the layer's retain basis (its share `energy`), a trained bias's column too."""
     trained = set(trained)
     moments: dict[str, list] = {}
     layers: dict[str, tuple[str, str | None]] = {}
@@ -148,17 +190,7 @@ def retain_bases(
                 continue  # a bias alone is frozen (below)
             layers[local] = (weight, bias if bias_trained else None)
             moments[local] = [None, 0, child.weight.dtype]
-
-            def hook(mod, args, local=local, with_bias=bias_trained):
-                rows = _layer_inputs(mod, args[0].detach()).double()
-                if with_bias:
-                    rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
-                entry = moments[local]
-                product = rows.T @ rows
-                entry[0] = product if entry[0] is None else entry[0] + product
-                entry[1] += len(rows)
-
-            handles.append(child.register_forward_pre_hook(hook))
+            handles.append(child.register_forward_pre_hook(_accumulate(moments, local, layers)))
         run_retain()
     finally:
         for handle in handles:
@@ -168,8 +200,13 @@ def retain_bases(
         moment, count, dtype = moments[local]
         if moment is None:  # the retain pass never reached the layer: it is frozen (below)
             continue
-        basis = _leading(moment / max(count, 1), energy).to(dtype)
-        bases.append(LayerBasis(weight, bias, basis, moment.shape[0]))
+        basis = _leading(moment / max(count, 1), energy)
+        if kept is not None and local in kept:
+            rows = kept[local].detach().double().reshape(-1, kept[local].shape[-1])
+            if bias is not None:
+                rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
+            basis = _union(basis, _span(rows.T @ rows))
+        bases.append(LayerBasis(weight, bias, basis.to(dtype), moment.shape[0]))
     reached = {n for layer in bases for n in (layer.weight, layer.bias) if n}
     frozen = sorted(n for n in trained if n not in reached and n.startswith(prefix))
     return RetainProjection(bases, frozen)

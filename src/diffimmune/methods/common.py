@@ -123,6 +123,7 @@ IMMUNIZE_FIELDS_ADDED = {
     "retain_rollout_steps": 3,
     "retain_projection": None,
     "retain_projection_samples": 256,
+    "retain_projection_target_words": False,
 }
 
 
@@ -224,6 +225,12 @@ class ImmunizeConfig(StrictModel):
     )
     retain_projection_samples: int = Field(
         default=256, gt=0, description="retain_projection: retain samples its bases are measured on"
+    )
+    retain_projection_target_words: bool = Field(
+        default=False,
+        description="retain_projection: the prompt-fed layers (cross-attention K/V) also keep their outputs "
+        "on the target words' token embeddings in their prompts, in full (where UCE's erasure acts), so the "
+        "change cannot undo the erasure it starts from through the words themselves",
     )
     reg_prompts: int = Field(default=200, gt=0, description="regularisation prompts of the merge")
     merge_directions: int = Field(default=3, gt=0, description="constraint directions per concept")
@@ -384,6 +391,10 @@ class ImmunizeConfig(StrictModel):
                 f"retain_projection covers the denoiser's layers; selection {self.selection} trains the text "
                 "encoder: choose a denoiser selection"
             )
+        if self.retain_projection_target_words and self.retain_projection is None:
+            raise ValueError(
+                "retain_projection_target_words refines retain_projection: set retain_projection too (e.g. 0.9)"
+            )
         if self.retain_projection is not None and self.method == "resalign":
             raise ValueError(
                 "retain_projection constrains the released tensors themselves; ResAlign trains LoRA factors "
@@ -464,6 +475,18 @@ def load_immunize_config(path: str | Path) -> ImmunizeConfig:
 
 
 # ----------------------------------------------------------------------------- data
+def prompt_fed_layers(unet) -> list[str]:
+    """Local names of the denoiser's layers whose input is the prompt's embeddings: the K and V
+    projections of every cross-attention."""
+    from diffusers.models.attention_processor import Attention
+
+    names = []
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention) and module.is_cross_attention:
+            names += [f"{name}.{child}" for child in ("to_k", "to_v") if hasattr(module, child)]
+    return names
+
+
 @dataclass
 class ConceptSamples:
     """One target concept's training data in the denoiser's space."""
@@ -658,7 +681,13 @@ class Context:
         def run_retain() -> None:
             self._predictions(None, x_t, timesteps, batch.prompts, both_halves=True)
 
-        return retain_bases(self.model.unet, "unet.", trained, run_retain, config.retain_projection)
+        kept = None
+        if config.retain_projection_target_words:
+            from diffimmune.methods.mima import word_embeddings
+
+            words = torch.cat([word_embeddings(self.model, c.prompts, c.word) for c in self.concepts])
+            kept = {name: words for name in prompt_fed_layers(self.model.unet)}
+        return retain_bases(self.model.unet, "unet.", trained, run_retain, config.retain_projection, kept)
 
     def _retain_predictions(self, params, x_t: Tensor, timesteps: Tensor) -> list[Tensor]:
         both = self.config.retain_unconditional or self.config.retain_distill_guidance() is not None
