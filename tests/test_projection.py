@@ -245,3 +245,44 @@ def test_target_words_keep_the_cross_attention_outputs_on_the_target_words(world
         assert rank > ranks[False][name] if text_layer else rank == ranks[False][name]
     with pytest.raises(ValidationError, match="set retain_projection too"):
         ImmunizeConfig(method="imma", concepts=["world:shape=star"], retain_projection_target_words=True)
+
+
+def projector(projection, weight: str) -> torch.Tensor:
+    """The layer's projection as a matrix: rows (I - U U^T), read off the identity."""
+    layer = next(layer for layer in projection.layers if layer.weight == weight)
+    return layer.project(torch.eye(layer.dims, dtype=torch.float64))
+
+
+def test_layers_measured_in_groups_under_a_memory_budget_get_the_same_bases():
+    """A budget under one layer's moment measures each layer in a retain pass of its own (what SD-sized
+    convolutions need); the projections equal those of one pass over all layers."""
+    generator = torch.Generator().manual_seed(0)
+    toy = Toy().double()
+    retain = retain_images(generator)
+    trained = [f"toy.{n}" for n, _ in toy.named_parameters() if not n.startswith("norm")]
+    calls = []
+
+    def run():
+        calls.append(1)
+        toy(retain)
+
+    together = retain_bases(toy, "toy.", trained, run, 0.99)
+    assert len(calls) == 1 and together.passes == 1
+    apart = retain_bases(toy, "toy.", trained, run, 0.99, memory_budget=1)
+    assert len(calls) == 1 + 3 and apart.passes == 3  # conv, linear, plain: one pass each
+    for layer in together.layers:
+        assert torch.allclose(projector(apart, layer.weight), projector(together, layer.weight), atol=1e-10)
+
+
+def test_a_basis_over_half_its_dimensions_is_stored_as_the_free_directions():
+    from diffimmune.core.projection import LayerBasis
+
+    generator = torch.Generator().manual_seed(0)
+    kept, _ = torch.linalg.qr(torch.randn(10, 7, generator=generator, dtype=torch.float64))
+    large = LayerBasis.of("w", None, kept, torch.float64)
+    small = LayerBasis.of("w", None, kept[:, :3], torch.float64)
+    assert large.complement and large.basis.shape == (10, 3) and large.rank == 7
+    assert not small.complement and small.basis.shape == (10, 3) and small.rank == 3
+    rows = torch.randn(5, 10, generator=generator, dtype=torch.float64)
+    assert torch.allclose(large.project(rows), rows - rows @ kept @ kept.T, atol=1e-12)
+    assert torch.allclose(small.project(rows), rows - rows @ kept[:, :3] @ kept[:, :3].T, atol=1e-12)

@@ -34,24 +34,42 @@ __all__ = ["LayerBasis", "RetainProjection", "retain_bases"]
 
 @dataclass
 class LayerBasis:
-    """The retain inputs' leading directions for one layer: `basis` (d [+1] x k, orthonormal columns)."""
+    """The retain inputs' leading directions for one layer: `basis` (d [+1] x k, orthonormal columns), or
+    with `complement` the orthonormal directions left free (d [+1] x (d [+1] - k)), whichever is smaller."""
 
     weight: str  # the trained weight's name
     bias: str | None  # the trained bias's name, projected jointly with the weight (None: not trained)
     basis: Tensor
     dims: int  # d, or d + 1 with the bias column
+    complement: bool = False
 
     @property
     def rank(self) -> int:
-        return self.basis.shape[1]
+        """Directions kept fixed."""
+        return self.dims - self.basis.shape[1] if self.complement else self.basis.shape[1]
+
+    def project(self, rows: Tensor) -> Tensor:
+        """rows (I - U U^T), as rows V V^T when the free directions V are stored."""
+        basis = self.basis.to(rows.dtype)
+        return (rows @ basis) @ basis.T if self.complement else rows - (rows @ basis) @ basis.T
+
+    @classmethod
+    def of(cls, weight: str, bias: str | None, kept: Tensor, dtype: torch.dtype) -> LayerBasis:
+        """Store the kept directions `kept` (orthonormal columns) or, when they are over half, the rest."""
+        dims, rank = kept.shape
+        if rank <= dims - rank:
+            return cls(weight, bias, kept.to(dtype), dims)
+        full, _ = torch.linalg.qr(kept, mode="complete")
+        return cls(weight, bias, full[:, rank:].contiguous().to(dtype), dims, complement=True)
 
 
 class RetainProjection:
     """Projects changes of trained tensors onto the retain inputs' null space, layer by layer."""
 
-    def __init__(self, layers: list[LayerBasis], frozen: list[str]):
+    def __init__(self, layers: list[LayerBasis], frozen: list[str], passes: int = 1):
         self.layers = layers
         self.frozen = list(frozen)  # trained tensors the projection keeps at their starting values
+        self.passes = passes  # retain passes the measurement took (one per group of layers)
 
     def summary(self) -> dict[str, float]:
         """What the constraint leaves free: layers, tensors frozen, and the mean share of free directions."""
@@ -60,6 +78,7 @@ class RetainProjection:
             "layers": len(self.layers),
             "frozen": len(self.frozen),
             "free_share": sum(free) / max(1, len(free)),
+            "passes": self.passes,
         }
 
     @torch.no_grad()
@@ -83,8 +102,7 @@ class RetainProjection:
             if layer.bias:
                 columns.append(present.new_zeros(rows, 1) if bias is None else bias.reshape(-1, 1))
             joint = torch.cat(columns, 1) if len(columns) > 1 else columns[0]
-            basis = layer.basis.to(joint.dtype)
-            joint = joint - (joint @ basis) @ basis.T
+            joint = layer.project(joint)
             if weight is not None:
                 weight.copy_(joint[:, :width].reshape(weight.shape))
             if bias is not None:
@@ -140,20 +158,40 @@ def _union(first: Tensor, second: Tensor) -> Tensor:
     return left[:, singular > 1e-6]
 
 
-def _accumulate(moments: dict[str, list], local: str, layers: dict[str, tuple[str, str | None]]):
-    """A forward pre-hook adding a layer's input rows' second moment to `moments[local]`."""
-    with_bias = layers[local][1] is not None
+def _accumulate(moments: dict[str, list], local: str, with_bias: bool, block: int = 8192):
+    """A forward pre-hook adding a layer's input rows' second moment (float64, on the input's device) to
+    `moments[local]`, `block` rows at a time (a large convolution's patches do not fit in float64 at once)."""
 
     def hook(module, args):
-        rows = _layer_inputs(module, args[0].detach()).double()
-        if with_bias:
-            rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
+        rows = _layer_inputs(module, args[0].detach())
         entry = moments[local]
-        product = rows.T @ rows
-        entry[0] = product if entry[0] is None else entry[0] + product
+        for start in range(0, len(rows), block):
+            part = rows[start : start + block].double()
+            if with_bias:
+                part = torch.cat([part, part.new_ones(len(part), 1)], 1)
+            product = part.T @ part
+            entry[0] = product if entry[0] is None else entry[0] + product
         entry[1] += len(rows)
 
     return hook
+
+
+def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """Consecutive layers whose float64 moments (size^2 x 8 bytes) fit `budget` together; a layer over it
+    alone is a group of its own."""
+    groups: list[list[str]] = []
+    used = budget + 1
+    for name, size in sizes.items():
+        need = size * size * 8
+        if used + need > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += need
+    return groups
+
+
+DEFAULT_MEMORY = 4 * 2**30  # bytes of float64 moments held at once while measuring
 
 
 @torch.no_grad()
@@ -164,6 +202,7 @@ def retain_bases(
     run_retain: Callable[[], None],
     energy: float,
     kept: dict[str, Tensor] | None = None,
+    memory_budget: int = DEFAULT_MEMORY,
 ) -> RetainProjection:
     """Measure the bases on `module` (its tensors named `prefix` + local name): `run_retain()` runs the
     module over the retain data (every call is accumulated). Layers whose weight or bias is among
@@ -171,42 +210,58 @@ def retain_bases(
     such a convolution's tensors are frozen.
 
     `kept` maps local layer names to input rows [n, d] whose outputs the change must keep in full: every
-    direction they span joins the layer's retain basis (its share `energy`), a trained bias's column too."""
+    direction they span joins the layer's retain basis (its share `energy`), a trained bias's column too.
+
+    The moments are float64 on the layers' device, d^2 x 8 bytes each (a convolution's d is its input
+    channels x kernel area: up to 23,040 in SD's UNet, 4 GB). Layers are measured in groups whose moments
+    fit `memory_budget`, `run_retain` once per group; each basis is stored in the weight's dtype, as its
+    kept directions or, when those are over half, as the free ones."""
     trained = set(trained)
-    moments: dict[str, list] = {}
     layers: dict[str, tuple[str, str | None]] = {}
-    handles = []
-    try:
-        for local, child in module.named_modules():
-            if not isinstance(child, nn.Linear | nn.Conv2d):
-                continue
-            if isinstance(child, nn.Conv2d) and child.groups != 1:
-                continue
-            weight = f"{prefix}{local}.weight"
-            bias = f"{prefix}{local}.bias" if child.bias is not None else None
-            weight_trained = weight in trained
-            bias_trained = bias is not None and bias in trained
-            if not weight_trained:
-                continue  # a bias alone is frozen (below)
-            layers[local] = (weight, bias if bias_trained else None)
-            moments[local] = [None, 0, child.weight.dtype]
-            handles.append(child.register_forward_pre_hook(_accumulate(moments, local, layers)))
-        run_retain()
-    finally:
-        for handle in handles:
-            handle.remove()
-    bases = []
-    for local, (weight, bias) in layers.items():
-        moment, count, dtype = moments[local]
-        if moment is None:  # the retain pass never reached the layer: it is frozen (below)
+    modules: dict[str, nn.Module] = {}
+    sizes: dict[str, int] = {}
+    for local, child in module.named_modules():
+        if not isinstance(child, nn.Linear | nn.Conv2d):
             continue
-        basis = _leading(moment / max(count, 1), energy)
-        if kept is not None and local in kept:
-            rows = kept[local].detach().double().reshape(-1, kept[local].shape[-1])
-            if bias is not None:
-                rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
-            basis = _union(basis, _span(rows.T @ rows))
-        bases.append(LayerBasis(weight, bias, basis.to(dtype), moment.shape[0]))
+        if isinstance(child, nn.Conv2d) and child.groups != 1:
+            continue
+        weight = f"{prefix}{local}.weight"
+        bias = f"{prefix}{local}.bias" if child.bias is not None else None
+        if weight not in trained:
+            continue  # a bias alone is frozen (below)
+        bias_trained = bias is not None and bias in trained
+        layers[local] = (weight, bias if bias_trained else None)
+        modules[local] = child
+        sizes[local] = child.weight[0].numel() + (1 if bias_trained else 0)
+    bases = []
+    # One retain pass per group of layers whose moments fit the memory budget (one pass on small models).
+    groups = _groups(sizes, memory_budget)
+    for group in groups:
+        moments: dict[str, list] = {local: [None, 0] for local in group}
+        handles = [
+            modules[local].register_forward_pre_hook(
+                _accumulate(moments, local, layers[local][1] is not None)
+            )
+            for local in group
+        ]
+        try:
+            run_retain()
+        finally:
+            for handle in handles:
+                handle.remove()
+        for local in group:
+            moment, count = moments.pop(local)
+            if moment is None:  # the retain pass never reached the layer: it is frozen (below)
+                continue
+            weight, bias = layers[local]
+            basis = _leading(moment / max(count, 1), energy)
+            del moment
+            if kept is not None and local in kept:
+                rows = kept[local].detach().to(basis).reshape(-1, kept[local].shape[-1])
+                if bias is not None:
+                    rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
+                basis = _union(basis, _span(rows.T @ rows))
+            bases.append(LayerBasis.of(weight, bias, basis, modules[local].weight.dtype))
     reached = {n for layer in bases for n in (layer.weight, layer.bias) if n}
     frozen = sorted(n for n in trained if n not in reached and n.startswith(prefix))
-    return RetainProjection(bases, frozen)
+    return RetainProjection(bases, frozen, passes=len(groups))

@@ -848,6 +848,7 @@ def immunize(
                 f"retain_projection {config.retain_projection}: {shape['layers']} layers keep their retain "
                 f"outputs ({shape['free_share']:.0%} of their input directions free on average), "
                 f"{shape['frozen']} other trained tensor(s) frozen"
+                + (f" (measured in {shape['passes']} retain passes)" if shape["passes"] > 1 else "")
             )
 
     def step_fn(values, step, generator):
