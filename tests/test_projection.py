@@ -167,11 +167,13 @@ def test_cli_takes_retain_projection_and_refuses_it_where_it_cannot_hold(fast_wo
     out = tmp_path / "run"
     arguments = [
         "immunize", "--model", str(fast_world[1].model_dir), "--method", "imma", "--concepts", "star",
-        "--steps", "1", "--hypergradient", "first_order", "--retain-projection", "0.9", "--out", str(out),
+        "--steps", "1", "--hypergradient", "first_order", "--retain-projection", "0.9",
+        "--retain-projection-target-words", "--out", str(out),
     ]  # fmt: skip
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "immunize.json").read_text())["config"]["retain_projection"] == 0.9
+    written = json.loads((out / "immunize.json").read_text())["config"]
+    assert written["retain_projection"] == 0.9 and written["retain_projection_target_words"] is True
     with pytest.raises(ValidationError, match="ResAlign trains LoRA factors"):
         ImmunizeConfig(method="resalign", concepts=["world:shape=star"], retain_projection=0.9)
     with pytest.raises(ValidationError, match="retain_projection"):

@@ -532,8 +532,8 @@ def immunize(
         bool | None,
         typer.Option(
             "--retain-projection-target-words/--no-retain-projection-target-words",
-            help="with --retain-projection: cross-attention K/V also keep their outputs on the target prompts' "
-            "tokens, so the erasure the model starts from stays",
+            help="with --retain-projection: cross-attention K/V also keep their outputs on the target word's "
+            "embeddings, so the erasure the model starts from stays",
             show_default=False,
         ),
     ] = None,

@@ -12,12 +12,13 @@ continual learning (Saha et al., GPM, ICLR 2021) and of null-space model editing
 a hard constraint on the whole retain distribution rather than a penalty on sampled retain batches.
 
 Owns `RetainProjection` (the bases, projecting gradients and changes in place) and `retain_bases`
-(the bases measured on a model with forward pre-hooks). `retain_bases` can also keep, in full, the
-directions of given inputs to chosen layers: immunization uses it to keep the prompt-fed layers
-(cross-attention K/V) fixed on the target words' token embeddings, where an erasure such as UCE's acts,
-so that the change cannot undo the erasure it starts from through the words themselves. Trained tensors of other layers (normalisation
+(the bases measured on a model with forward pre-hooks). Trained tensors of other layers (normalisation
 scales, embeddings) stay at their starting values under the projection: they have no input to project
 against. A bias trained without its weight is frozen too (it moves every retain output).
+
+`retain_bases` can also keep, in full, the directions of given inputs to chosen layers: immunization uses
+it to keep the prompt-fed layers (cross-attention K/V) fixed on the target words' token embeddings, where
+an erasure such as UCE's acts, so that the change cannot undo the erasure it starts from through the words.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class RetainProjection:
             "frozen": len(self.frozen),
             "free_share": sum(free) / max(1, len(free)),
             "passes": self.passes,
+            "megabytes": sum(layer.basis.numel() * layer.basis.element_size() for layer in self.layers) / 2**20,
         }
 
     @torch.no_grad()

@@ -847,8 +847,8 @@ def immunize(
             log(
                 f"retain_projection {config.retain_projection}: {shape['layers']} layers keep their retain "
                 f"outputs ({shape['free_share']:.0%} of their input directions free on average), "
-                f"{shape['frozen']} other trained tensor(s) frozen"
-                + (f" (measured in {shape['passes']} retain passes)" if shape["passes"] > 1 else "")
+                f"{shape['frozen']} other trained tensor(s) frozen; bases {shape['megabytes']:.1f} MB"
+                + (f", measured in {shape['passes']} retain passes" if shape["passes"] > 1 else "")
             )
 
     def step_fn(values, step, generator):
