@@ -238,6 +238,7 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
         "retain_rollout_steps",
         "retain_projection",
         "retain_projection_samples",
+        "retain_projection_target_words",
     )
     assert not set(added) & set(immunize_key(config))  # what runs before the fields hashed
     assert immunize_key(config) == {k: v for k, v in config.model_dump(mode="json").items() if k not in added}
@@ -250,3 +251,5 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
     assert immunize_key(adam)["inner_optimizer"] == "adam"
     projected = ImmunizeConfig(method="mima", concepts=["world:shape=star"], retain_projection=0.9)
     assert immunize_key(projected)["retain_projection"] == 0.9
+    worded = projected.model_copy(update={"retain_projection_target_words": True})
+    assert immunize_key(worded)["retain_projection_target_words"] is True

@@ -80,7 +80,8 @@ class RetainProjection:
             "frozen": len(self.frozen),
             "free_share": sum(free) / max(1, len(free)),
             "passes": self.passes,
-            "megabytes": sum(layer.basis.numel() * layer.basis.element_size() for layer in self.layers) / 2**20,
+            "megabytes": sum(layer.basis.numel() * layer.basis.element_size() for layer in self.layers)
+            / 2**20,
         }
 
     @torch.no_grad()
