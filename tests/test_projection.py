@@ -219,10 +219,11 @@ def test_target_words_keep_the_cross_attention_outputs_on_the_target_words(world
     """With retain_projection_target_words, a projected change of cross-attention K/V leaves their outputs
     on the target word's token embeddings where they were (the erasure stays); without it the same change
     moves them. Other layers' bases do not change."""
-    from diffimmune.methods.common import prompt_fed_layers
+    from diffimmune.methods.common import prompt_fed_inputs
     from diffimmune.methods.mima import word_embeddings
 
-    layers = prompt_fed_layers(world_model.unet)
+    width = world_model.text_encoder.config.hidden_size
+    layers = list(prompt_fed_inputs(world_model.unet, torch.zeros(1, width)))
     assert layers and all(name.endswith((".to_k", ".to_v")) and "attn2" in name for name in layers)
     projections = {}
     for kept in (False, True):
@@ -288,3 +289,24 @@ def test_a_basis_over_half_its_dimensions_is_stored_as_the_free_directions():
     rows = torch.randn(5, 10, generator=generator, dtype=torch.float64)
     assert torch.allclose(large.project(rows), rows - rows @ kept @ kept.T, atol=1e-12)
     assert torch.allclose(small.project(rows), rows - rows @ kept[:, :3] @ kept[:, :3].T, atol=1e-12)
+
+
+def test_prompt_fed_inputs_follow_an_attentions_prompt_normalisation():
+    """K/V receive the prompt embeddings, normalised first where the attention has `norm_cross`; a
+    self-attention is not prompt-fed."""
+    from diffusers.models.attention_processor import Attention
+
+    from diffimmune.methods.common import prompt_fed_inputs
+
+    holder = nn.Module()
+    holder.plain = Attention(8, cross_attention_dim=6, heads=2, dim_head=4)
+    holder.normed = Attention(
+        8, cross_attention_dim=6, heads=2, dim_head=4, cross_attention_norm="layer_norm"
+    )
+    holder.own = Attention(8, heads=2, dim_head=4)
+    rows = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    inputs = prompt_fed_inputs(holder, rows)
+    assert sorted(inputs) == ["normed.to_k", "normed.to_v", "plain.to_k", "plain.to_v"]
+    assert torch.equal(inputs["plain.to_k"], rows)
+    assert torch.allclose(inputs["normed.to_v"], holder.normed.norm_cross(rows), atol=1e-6)
+    assert not torch.allclose(inputs["normed.to_v"], rows, atol=1e-2)

@@ -475,16 +475,22 @@ def load_immunize_config(path: str | Path) -> ImmunizeConfig:
 
 
 # ----------------------------------------------------------------------------- data
-def prompt_fed_layers(unet) -> list[str]:
-    """Local names of the denoiser's layers whose input is the prompt's embeddings: the K and V
-    projections of every cross-attention."""
+def prompt_fed_inputs(unet, embeddings: Tensor) -> dict[str, Tensor]:
+    """The inputs [n, D] that the denoiser's prompt-fed layers (the K and V projections of every
+    cross-attention) receive for the prompt embeddings `embeddings` [n, D], by layer local name: the
+    embeddings themselves, or normalised where the attention normalises the prompt first (`norm_cross`)."""
     from diffusers.models.attention_processor import Attention
 
-    names = []
+    inputs = {}
     for name, module in unet.named_modules():
-        if isinstance(module, Attention) and module.is_cross_attention:
-            names += [f"{name}.{child}" for child in ("to_k", "to_v") if hasattr(module, child)]
-    return names
+        if not (isinstance(module, Attention) and module.is_cross_attention):
+            continue
+        rows = embeddings
+        if getattr(module, "norm_cross", None) is not None:
+            with torch.no_grad():
+                rows = module.norm_encoder_hidden_states(embeddings[None].to(module.to_k.weight))[0]
+        inputs |= {f"{name}.{child}": rows for child in ("to_k", "to_v") if hasattr(module, child)}
+    return inputs
 
 
 @dataclass
@@ -686,7 +692,7 @@ class Context:
             from diffimmune.methods.mima import word_embeddings
 
             words = torch.cat([word_embeddings(self.model, c.prompts, c.word) for c in self.concepts])
-            kept = {name: words for name in prompt_fed_layers(self.model.unet)}
+            kept = prompt_fed_inputs(self.model.unet, words)
         return retain_bases(self.model.unet, "unet.", trained, run_retain, config.retain_projection, kept)
 
     def _retain_predictions(self, params, x_t: Tensor, timesteps: Tensor) -> list[Tensor]:
