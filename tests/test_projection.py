@@ -219,8 +219,7 @@ def test_target_words_keep_the_cross_attention_outputs_on_the_target_words(world
     """With retain_projection_target_words, a projected change of cross-attention K/V leaves their outputs
     on the target word's token embeddings where they were (the erasure stays); without it the same change
     moves them. Other layers' bases do not change."""
-    from diffimmune.methods.common import prompt_fed_inputs
-    from diffimmune.methods.mima import word_embeddings
+    from diffimmune.methods.common import prompt_fed_inputs, word_embeddings
 
     width = world_model.text_encoder.config.hidden_size
     layers = list(prompt_fed_inputs(world_model.unet, torch.zeros(1, width)))

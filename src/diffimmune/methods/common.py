@@ -475,6 +475,23 @@ def load_immunize_config(path: str | Path) -> ImmunizeConfig:
 
 
 # ----------------------------------------------------------------------------- data
+def word_embeddings(model, prompts: list[str], word: str) -> Tensor:
+    """Text embeddings [n, D] at every position where `word`'s tokens occur in `prompts`."""
+    ids = model.tokenize(prompts)
+    word_ids = model.tokenizer(word, add_special_tokens=False)["input_ids"]
+    if not word_ids:
+        raise DiffImmuneError(f"concept word '{word}' tokenizes to nothing")
+    mask = torch.isin(ids, torch.tensor(word_ids, device=ids.device))
+    if not mask.any():
+        raise DiffImmuneError(
+            f"concept word '{word}' does not occur in its prompts (e.g. '{prompts[0]}'); "
+            "set prompt to a template that names it, or tokens for placeholder concepts"
+        )
+    with torch.no_grad():
+        embeddings = model.encode_prompts(prompts)
+    return embeddings[mask.to(embeddings.device)]
+
+
 def prompt_fed_inputs(unet, embeddings: Tensor) -> dict[str, Tensor]:
     """The inputs [n, D] that the denoiser's prompt-fed layers (the K and V projections of every
     cross-attention) receive for the prompt embeddings `embeddings` [n, D], by layer local name: the
@@ -689,8 +706,6 @@ class Context:
 
         kept = None
         if config.retain_projection_target_words:
-            from diffimmune.methods.mima import word_embeddings
-
             words = torch.cat([word_embeddings(self.model, c.prompts, c.word) for c in self.concepts])
             kept = prompt_fed_inputs(self.model.unet, words)
         return retain_bases(self.model.unet, "unet.", trained, run_retain, config.retain_projection, kept)

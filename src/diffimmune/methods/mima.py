@@ -28,25 +28,9 @@ from diffimmune.adapters.base import AdapterConfig, FullAdapter
 from diffimmune.core.merge import merge_models, projection_operator
 from diffimmune.errors import DiffImmuneError
 from diffimmune.methods.bilevel import BilevelMethod, Branch
+from diffimmune.methods.common import word_embeddings
 from diffimmune.methods.imma import IMMA
 from diffimmune.models.params import select_parameters
-
-
-def word_embeddings(model, prompts: list[str], word: str) -> Tensor:
-    """Text embeddings [n, D] at every position where `word`'s tokens occur in `prompts`."""
-    ids = model.tokenize(prompts)
-    word_ids = model.tokenizer(word, add_special_tokens=False)["input_ids"]
-    if not word_ids:
-        raise DiffImmuneError(f"concept word '{word}' tokenizes to nothing")
-    mask = torch.isin(ids, torch.tensor(word_ids, device=ids.device))
-    if not mask.any():
-        raise DiffImmuneError(
-            f"concept word '{word}' does not occur in its prompts (e.g. '{prompts[0]}'); "
-            "set prompt to a template that names it, or tokens for placeholder concepts"
-        )
-    with torch.no_grad():
-        embeddings = model.encode_prompts(prompts)
-    return embeddings[mask.to(embeddings.device)]
 
 
 def principal_directions(rows: Tensor, count: int, tolerance: float = 1e-3) -> Tensor:
