@@ -163,7 +163,7 @@ def test_a_killed_projected_run_resumes_to_the_same_delta(fast_world, tmp_path):
     assert straight.changed and all(torch.equal(a[n], b[n]) for n in straight.changed)
 
 
-def test_cli_takes_retain_projection_and_refuses_it_where_it_cannot_hold(fast_world, tmp_path):
+def test_cli_takes_retain_projection_and_refuses_bad_values(fast_world, tmp_path):
     out = tmp_path / "run"
     arguments = [
         "immunize", "--model", str(fast_world[1].model_dir), "--method", "imma", "--concepts", "star",
@@ -174,8 +174,6 @@ def test_cli_takes_retain_projection_and_refuses_it_where_it_cannot_hold(fast_wo
     assert result.exit_code == 0, result.output
     written = json.loads((out / "immunize.json").read_text())["config"]
     assert written["retain_projection"] == 0.9 and written["retain_projection_target_words"] is True
-    with pytest.raises(ValidationError, match="ResAlign trains LoRA factors"):
-        ImmunizeConfig(method="resalign", concepts=["world:shape=star"], retain_projection=0.9)
     with pytest.raises(ValidationError, match="retain_projection"):
         ImmunizeConfig(method="imma", concepts=["world:shape=star"], retain_projection=1.5)
     bad = arguments[:-2] + ["--selection", "text_encoder", "--out", str(tmp_path / "bad")]
@@ -309,3 +307,32 @@ def test_prompt_fed_inputs_follow_an_attentions_prompt_normalisation():
     assert torch.equal(inputs["plain.to_k"], rows)
     assert torch.allclose(inputs["normed.to_v"], holder.normed.norm_cross(rows), atol=1e-6)
     assert not torch.allclose(inputs["normed.to_v"], rows, atol=1e-2)
+
+
+def test_resalign_under_the_projection_keeps_its_merged_lora_in_the_free_directions(world_model, tmp_path):
+    """ResAlign trains LoRA factors: with A's rows kept in each layer's free input directions, the merged
+    change B A of every released tensor is its own projection (its retain outputs do not move), while the
+    same run without the projection changes them in the retain directions too."""
+    from diffimmune.models.params import select_parameters
+
+    settings = {"method": "resalign", "concepts": ["world:shape=star"], "steps": 2, "batch_size": 2}
+    settings |= {"num_images": 4, "reg_prompts": 16, "finetune_steps": (1, 1), "finetune_samples": 1}
+    settings |= {"hypergradient": "first_order", "retain_weight": 1.0, "retain_projection_samples": 32}
+    start = {n: t.detach().clone() for n, t in world_model.named_parameters().items()}
+    attention = [n for n, t in select_parameters(world_model, "attn").items() if t.ndim == 2]
+    config = ImmunizeConfig(**settings, retain_projection=0.9)
+    context = Context(world_model, config, tmp_path / "probe", model_world(world_model))
+    projection = context.retain_projection(method_registry()["resalign"](context).theta_names)
+    assert {layer.weight for layer in projection.layers} == set(attention)
+    outside = {}
+    for label, extra in (("plain", {}), ("projected", {"retain_projection": 0.9})):
+        world_model.load_parameters(start)
+        config = ImmunizeConfig(**settings, **extra)
+        run = immunize(world_model, config, tmp_path / label, progress=False, world=model_world(world_model))
+        assert set(run.changed) == set(attention)
+        released = world_model.named_parameters()
+        changes = {n: (released[n] - start[n]).detach().clone() for n in attention}
+        projected = {n: c.clone() for n, c in changes.items()}
+        projection.project_(projected)
+        outside[label] = max(float((changes[n] - projected[n]).norm() / changes[n].norm()) for n in attention)
+    assert outside["projected"] < 1e-4 < 0.05 < outside["plain"]

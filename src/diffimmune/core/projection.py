@@ -111,11 +111,14 @@ class RetainProjection:
             if bias is not None:
                 bias.copy_(joint[:, -1])
 
+    def names(self) -> list[str]:
+        """The tensors it covers: every layer's weight (and bias) and the frozen ones."""
+        return [n for layer in self.layers for n in (layer.weight, layer.bias) if n] + self.frozen
+
     @torch.no_grad()
     def project_params_(self, params: dict[str, Tensor], reference: dict[str, Tensor]) -> None:
         """params <- reference + projection of (params - reference), for the tensors it covers."""
-        names = [n for layer in self.layers for n in (layer.weight, layer.bias) if n] + self.frozen
-        changes = {n: params[n] - reference[n] for n in names if n in params}
+        changes = {n: params[n] - reference[n] for n in self.names() if n in params}
         self.project_(changes)
         for name, change in changes.items():
             params[name].copy_(reference[name] + change)

@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, model_validator
@@ -34,6 +34,9 @@ from diffimmune.errors import DiffImmuneError
 from diffimmune.files import ensure_writable_folder, replace_other_run, write_json_atomic
 from diffimmune.models.diffusion_model import RUN_DELTA
 from diffimmune.models.params import select_parameters
+
+if TYPE_CHECKING:
+    from diffimmune.core.projection import RetainProjection
 
 IMMUNIZE_METHODS = ("imma", "mima", "joint", "compose", "esd", "gift", "resalign")
 InnerMethod = Literal["lora", "dreambooth", "textual_inversion", "custom_diffusion", "full"]  # the adapters
@@ -221,7 +224,8 @@ class ImmunizeConfig(StrictModel):
         lt=1,
         description="keep the released change of every trained linear and convolution layer out of the "
         "directions its inputs take on the retain data (core/projection.py): the share of their energy "
-        "kept fixed, e.g. 0.99 (None: off); other trained tensors stay frozen under it",
+        "kept fixed, e.g. 0.99 (None: off); other trained tensors stay frozen under it (ResAlign: its LoRA's "
+        "A factors stay in the free directions, so the merged change does)",
     )
     retain_projection_samples: int = Field(
         default=256, gt=0, description="retain_projection: retain samples its bases are measured on"
@@ -394,11 +398,6 @@ class ImmunizeConfig(StrictModel):
         if self.retain_projection_target_words and self.retain_projection is None:
             raise ValueError(
                 "retain_projection_target_words refines retain_projection: set retain_projection too (e.g. 0.9)"
-            )
-        if self.retain_projection is not None and self.method == "resalign":
-            raise ValueError(
-                "retain_projection constrains the released tensors themselves; ResAlign trains LoRA factors "
-                "merged at the end, so remove it (or use another method)"
             )
         fields = type(self).model_fields
         for name, readers in FIELD_READERS.items():
@@ -786,6 +785,11 @@ class Method:
         """The released tensors once training ends (ResAlign merges its LoRA into them here)."""
         return {n: params[n].detach() for n in self.theta_names}
 
+    def projected(self, projection: RetainProjection, params: dict[str, Tensor]) -> RetainProjection:
+        """`retain_projection` on the tensors `step` trains, given the released tensors' bases; it may
+        move the starting `params` into the free directions. By default the released tensors train."""
+        return projection
+
 
 MethodFactory = Callable[[Context], Method]
 
@@ -860,9 +864,10 @@ def immunize(
         seed=config.seed,
     )
 
-    projection = None
+    projection = anchor = None
     if config.retain_projection is not None:
-        projection = context.retain_projection(method.theta_names)
+        projection = method.projected(context.retain_projection(method.theta_names), params)
+        anchor = {n: params[n].detach().clone() for n in projection.names() if n in params}
         if log is not None:
             shape = projection.summary()
             log(
@@ -899,7 +904,7 @@ def immunize(
         resume=resume,
         progress=progress,
         description=f"immunize {config.method}",
-        after_update=None if projection is None else lambda p: projection.project_params_(p, reference),
+        after_update=None if projection is None else lambda p: projection.project_params_(p, anchor),
     )
     final = method.finalize(params)
     model.load_parameters(final)

@@ -34,6 +34,10 @@ diverging falls back to the first-order gradient *loudly*: a warning line and th
 
 The LoRA is merged into the released tensors at the start of every step (so checkpoints hold them) and
 once more after the last update (`finalize`).
+
+With `retain_projection` (core/projection.py) the LoRA's A factors start in, and move only within, each
+layer's free input directions: then B A, the released change, leaves the layer's retain outputs where they
+were, as the projection keeps the released change of the other methods.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -60,6 +64,7 @@ from diffimmune.core.objective import (
     sample_noise_and_timesteps,
     with_null_prompts,
 )
+from diffimmune.core.projection import RetainProjection
 from diffimmune.core.train import StepOutput, step_seed
 from diffimmune.errors import DiffImmuneError
 from diffimmune.methods.common import INNER_PREFIX, ConceptSamples, Context, ImmunizeConfig, Method
@@ -508,6 +513,21 @@ class ResAlign(Method):
     @torch.no_grad()
     def finalize(self, params: Params) -> Params:
         return {n: t.detach() for n, t in self.merged(self.lora_state(params)).items()}
+
+    def projected(self, projection: RetainProjection, params: Params) -> RetainProjection:
+        """`retain_projection` on the LoRA: W - W0 = B A keeps a layer's retain outputs when A's rows lie
+        in the layer's free input directions, so A starts there and its changes are projected onto them.
+        A released tensor the projection freezes keeps B at zero."""
+        prefix = INNER_PREFIX + LORA_PREFIX
+        layers = []
+        for layer in projection.layers:
+            if layer.bias is not None:  # the LoRA targets weights only; their biases are not trained
+                raise DiffImmuneError(f"retain_projection: {layer.bias} is not a tensor ResAlign trains")
+            layers.append(replace(layer, weight=f"{prefix}{layer.weight}.lora_A"))
+        frozen = [f"{prefix}{name}.lora_B" for name in projection.frozen]
+        factors = RetainProjection(layers, frozen, projection.passes)
+        factors.project_(params)  # the starting A into the free directions (B starts at zero)
+        return factors
 
 
 def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
