@@ -867,7 +867,15 @@ def immunize(
     projection = anchor = None
     if config.retain_projection is not None:
         projection = method.projected(context.retain_projection(method.theta_names), params)
-        anchor = {n: params[n].detach().clone() for n in projection.names() if n in params}
+        # Updates are projected back against the (projected) starting values; a released tensor left as it
+        # was shares `reference` instead of holding another copy (SD-sized selections).
+        anchor = {
+            n: reference[n]
+            if n in reference and torch.equal(params[n], reference[n])
+            else params[n].detach().clone()
+            for n in projection.names()
+            if n in params
+        }
         if log is not None:
             shape = projection.summary()
             log(
