@@ -230,6 +230,46 @@ def test_target_metrics_report_each_view_and_the_terms_still_pushing():
     assert target_metrics({"model": [0.1, 0.5]}, max_loss=None) == {"target_loss": pytest.approx(0.3)}
 
 
+@pytest.mark.parametrize(("max_loss", "taken"), [(1e3, 1), (1e-6, 3)])
+@pytest.mark.parametrize("mode", ["first_order", "unrolled"])
+def test_catch_up_steps_the_adversaries_until_their_loss_is_within_max_loss(
+    world_model, tmp_path, mode, max_loss, taken
+):
+    world = model_world(world_model)
+    states = {}
+    for catch_up in (0, 3):
+        config = small_config(
+            "mima", inner_method="lora", inner_optimizer="adam", outer_models="adapted", hypergradient=mode,
+            max_loss=max_loss, inner_catch_up=catch_up,
+        )  # fmt: skip
+        method = method_registry()["mima"](Context(world_model, config, tmp_path, world))
+        named = world_model.named_parameters()
+        params = {n: named[n].detach().clone().requires_grad_(True) for n in method.theta_names}
+        params |= {f"inner.{k}": v for k, v in method.inner_state().items()}
+        output = method.step(params, 0, torch.Generator().manual_seed(5))
+        states[catch_up] = {k: v.clone() for k, v in params.items() if k.startswith("inner.")}
+        if catch_up:
+            # Within a loose bound the first extra step finds every adversary there; under a tight one
+            # the adversaries take every step allowed.
+            assert output.metrics["inner_catch_up"] == taken
+        else:
+            assert "inner_catch_up" not in output.metrics
+    # The Adam step count carried by the adversaries counts the extra steps beside the outer step's own.
+    assert states[0]["inner.adam_count"].item() == 1
+    assert states[3]["inner.adam_count"].item() == 1 + taken
+    moved = [k for k in states[0] if "/" in k and states[0][k].abs().sum() > 0]
+    assert moved and any(not torch.equal(states[0][k], states[3][k]) for k in moved)
+
+
+def test_catch_up_without_a_loss_bound_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="inner_catch_up steps the adversaries .* set max_loss"):
+        ImmunizeConfig(method="mima", concepts=["world:shape=star"], inner_catch_up=5)
+    with pytest.raises(ValidationError, match="inner_catch_up is read by .*, not by gift"):
+        ImmunizeConfig(method="gift", concepts=["world:shape=star"], inner_catch_up=5, max_loss=0.3)
+
+
 def test_first_order_differs_from_unrolled_but_points_the_same_way(world_model, tmp_path):
     world = model_world(world_model)
     grads = {}
@@ -442,6 +482,16 @@ def test_cli_immunize_retain_rollout_flags_reach_the_run(fast_world, tmp_path):
     config = cli_one_step_imma(fast_world, tmp_path / "run", *flags)
     assert config["retain_loss"] == "rollout" and config["retain_states"] == "sampler"
     assert config["retain_rollout_steps"] == 2 and config["retain_guidance_scale"] == 3.0
+
+
+def test_cli_immunize_catch_up_flags_reach_the_run(fast_world, tmp_path):
+    flags = ["--inner-method", "lora", "--max-loss", "0.5", "--inner-catch-up", "2"]
+    config = cli_one_step_imma(fast_world, tmp_path / "run", *flags)
+    assert config["max_loss"] == 0.5 and config["inner_catch_up"] == 2
+    metrics = [
+        json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert 1 <= metrics[-1]["inner_catch_up"] <= 2
 
 
 def test_cli_immunize_takes_one_adversary_of_each_kind(fast_world, tmp_path):

@@ -470,6 +470,17 @@ def immunize(
         str | None, typer.Option(help="lower-level step size; comma-separated, one per --inner-method kind")
     ] = None,
     inner_steps: Annotated[int | None, typer.Option(min=1, help="lower-level steps per outer step")] = None,
+    max_loss: Annotated[
+        float | None, typer.Option(help="stop ascending a target's loss once it exceeds this (e.g. 0.3)")
+    ] = None,
+    inner_catch_up: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="bi-level methods, with --max-loss: up to this many extra adversary steps per outer step, "
+            "taken while an adversary's loss is over it",
+        ),
+    ] = None,
     selection: Annotated[
         str | None, typer.Option(help="released tensors to train (attn, xattn, ...)")
     ] = None,
@@ -563,6 +574,8 @@ def immunize(
         "inner_optimizer": inner_optimizer,
         "inner_learning_rate": one_or_list(split_list(inner_learning_rate)),
         "inner_steps": inner_steps,
+        "max_loss": max_loss,
+        "inner_catch_up": inner_catch_up,
         "selection": selection,
         "prompt": prompt,
         "tokens": split_list(tokens) or None,

@@ -56,6 +56,14 @@ class Branch:
     label: str = ""  # names its own adapted model in the step's metrics (target_loss_own_<label>)
 
 
+@dataclass
+class CaughtUp:
+    """The lower level's state after `BilevelMethod.catch_up`, and how many extra steps it took."""
+
+    state: dict[str, Tensor]
+    steps: int
+
+
 class BilevelMethod(Method):
     """Subclasses say how branches are formed (`branches`) and how the upper level sees the adapted
     models (`outer_params`: IMMA uses the one adapted model, MIMA merges them; `outer_views` when the
@@ -170,6 +178,8 @@ class BilevelMethod(Method):
         ]
         outer_batches = [context.batch(concept, generator, with_prior=False) for concept in context.concepts]
 
+        inner_losses: list[float] = []  # each branch's lower-level loss, as inner_step reads it
+
         def inner_step(z, batches, *, create_graph):
             theta_now, residual_list = self.split(z)
             updated = dict(z)
@@ -184,6 +194,7 @@ class BilevelMethod(Method):
                 loss = diffusion_loss(
                     self.model, self.adapted_params(branch, theta_now, residual), batch, generator
                 )
+                inner_losses.append(loss.item())
                 names = list(residual)
                 grads = torch.autograd.grad(
                     loss, [residual[n] for n in names], create_graph=create_graph, allow_unused=True
@@ -218,6 +229,8 @@ class BilevelMethod(Method):
             return total
 
         z0 = {THETA + n: v.detach() for n, v in theta.items()} | residuals
+        caught_up = self.catch_up(z0, inner_step, inner_losses, generator)
+        z0 = caught_up.state
         if self.config.hypergradient == "unrolled":
             result = hypergradient(
                 z0,
@@ -253,6 +266,8 @@ class BilevelMethod(Method):
         # Gradient *ascent* on the adapted model's loss: the loop minimises, so hand it the negation.
         grads = {n: -g for n, g in grads.items()}
         metrics = target_metrics(view_terms, self.config.max_loss)
+        if self.config.inner_catch_up:
+            metrics["inner_catch_up"] = caught_up.steps
         loss_value = -outer_value
         if self.config.retain_weight > 0 and context.retain is not None:
             retain_loss = self.retain_loss(theta, generator)
@@ -265,6 +280,23 @@ class BilevelMethod(Method):
             metrics["retain_loss"] = retain_loss.item()
             loss_value += self.config.retain_weight * retain_loss.item()
         return StepOutput(loss=loss_value, grads=grads, metrics=metrics)
+
+    def catch_up(self, z0, inner_step, inner_losses: list[float], generator: torch.Generator) -> CaughtUp:
+        """`inner_catch_up`: up to that many extra lower-level steps without a graph (their result a
+        constant, as a carried state is), until one starts with every adversary's loss within `max_loss`
+        (that step is kept). When the released weights have outrun the adversaries, the ascent (which stops
+        past `max_loss`) would stop with them; the extra steps bring them back to a model that still draws
+        the target."""
+        limit, bound = self.config.inner_catch_up, self.config.max_loss
+        state, taken = z0, 0
+        while taken < limit:
+            batches = [self.branch_batch(branch, generator) for branch in self.branches]
+            inner_losses.clear()
+            state = adapt(state, inner_step, [batches], create_graph=False)
+            taken += 1
+            if max(inner_losses) <= bound:
+                break
+        return CaughtUp(state, taken)
 
     def branch_batch(self, branch: Branch, generator: torch.Generator) -> Batch:
         """A lower-level batch: from the branch's concepts (pooled), with prior images if enabled."""

@@ -66,6 +66,7 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "inner_warm_start": BILEVEL_METHODS,
     "inner_learning_rate": (*BILEVEL_METHODS, "gift"),  # GIFT: its preservation step
     "inner_steps": (*BILEVEL_METHODS, "gift"),
+    "inner_catch_up": BILEVEL_METHODS,
     "max_loss": (*BILEVEL_METHODS, "gift", "resalign"),
     "retain_loss": (*BILEVEL_METHODS, "gift", "resalign"),  # ResAlign always distils; guided changes how
     "retain_rollout_steps": BILEVEL_METHODS,
@@ -166,6 +167,13 @@ class ImmunizeConfig(StrictModel):
         "learning rate for Adam); with a list of inner_method, one per adapter or one for all",
     )
     inner_steps: int = Field(default=1, gt=0, description="lower-level steps per outer step")
+    inner_catch_up: int = Field(
+        default=0,
+        ge=0,
+        description="bi-level methods, with max_loss: up to this many extra lower-level steps (no graph) "
+        "before an outer step's own, taken while an adversary's loss on its target data is over max_loss, "
+        "so the ascent keeps a recovered adversary to push against",
+    )
     inner_rank: int = Field(default=4, gt=0)
     inner_warm_start: bool = Field(
         default=True, description="the lower level keeps adapting across outer steps (official code)"
@@ -405,6 +413,10 @@ class ImmunizeConfig(StrictModel):
                 continue
             if getattr(self, name) != fields[name].get_default(call_default_factory=True):
                 raise ValueError(f"{name} is read by {', '.join(readers)}, not by {self.method}; remove it")
+        if self.inner_catch_up and self.max_loss is None:
+            raise ValueError(
+                "inner_catch_up steps the adversaries until their loss is within max_loss: set max_loss (e.g. 0.3)"
+            )
         if self.tokens is not None and len(self.tokens) != len(self.concepts):
             raise ValueError(f"tokens has {len(self.tokens)} entries for {len(self.concepts)} concepts")
         if self.tokens is not None and (self.prompt is None or "{token}" not in self.prompt):
