@@ -128,6 +128,7 @@ IMMUNIZE_FIELDS_ADDED = {
     "retain_projection": None,
     "retain_projection_samples": 256,
     "retain_projection_target_words": False,
+    "inner_catch_up": 0,
 }
 
 
