@@ -239,6 +239,7 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
         "retain_projection",
         "retain_projection_samples",
         "retain_projection_target_words",
+        "inner_catch_up",
     )
     assert not set(added) & set(immunize_key(config))  # what runs before the fields hashed
     assert immunize_key(config) == {k: v for k, v in config.model_dump(mode="json").items() if k not in added}
@@ -249,6 +250,8 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
     assert immunize_key(distilled)["retain_unconditional"] is True
     adam = ImmunizeConfig(method="mima", concepts=["world:shape=star"], inner_optimizer="adam")
     assert immunize_key(adam)["inner_optimizer"] == "adam"
+    caught = ImmunizeConfig(method="mima", concepts=["world:shape=star"], max_loss=0.3, inner_catch_up=5)
+    assert immunize_key(caught)["inner_catch_up"] == 5
     projected = ImmunizeConfig(method="mima", concepts=["world:shape=star"], retain_projection=0.9)
     assert immunize_key(projected)["retain_projection"] == 0.9
     worded = projected.model_copy(update={"retain_projection_target_words": True})
