@@ -178,7 +178,7 @@ class BilevelMethod(Method):
         ]
         outer_batches = [context.batch(concept, generator, with_prior=False) for concept in context.concepts]
 
-        inner_losses: list[float] = []  # each branch's lower-level loss, as inner_step reads it
+        inner_losses: list[Tensor] = []  # each branch's lower-level loss, detached (read by catch_up only)
 
         def inner_step(z, batches, *, create_graph):
             theta_now, residual_list = self.split(z)
@@ -194,7 +194,7 @@ class BilevelMethod(Method):
                 loss = diffusion_loss(
                     self.model, self.adapted_params(branch, theta_now, residual), batch, generator
                 )
-                inner_losses.append(loss.item())
+                inner_losses.append(loss.detach())
                 names = list(residual)
                 grads = torch.autograd.grad(
                     loss, [residual[n] for n in names], create_graph=create_graph, allow_unused=True
@@ -281,7 +281,7 @@ class BilevelMethod(Method):
             loss_value += self.config.retain_weight * retain_loss.item()
         return StepOutput(loss=loss_value, grads=grads, metrics=metrics)
 
-    def catch_up(self, z0, inner_step, inner_losses: list[float], generator: torch.Generator) -> CaughtUp:
+    def catch_up(self, z0, inner_step, inner_losses: list[Tensor], generator: torch.Generator) -> CaughtUp:
         """`inner_catch_up`: up to that many extra lower-level steps without a graph (their result a
         constant, as a carried state is), until one starts with every adversary's loss within `max_loss`
         (that step is kept). When the released weights have outrun the adversaries, the ascent (which stops
@@ -294,7 +294,7 @@ class BilevelMethod(Method):
             inner_losses.clear()
             state = adapt(state, inner_step, [batches], create_graph=False)
             taken += 1
-            if max(inner_losses) <= bound:
+            if max(float(loss) for loss in inner_losses) <= bound:
                 break
         return CaughtUp(state, taken)
 
