@@ -478,7 +478,7 @@ def immunize(
         typer.Option(
             min=0,
             help="bi-level methods, with --max-loss: up to this many extra adversary steps per outer step, "
-            "taken while an adversary's loss is over it",
+            "until one starts with every adversary's loss within it (that step kept)",
         ),
     ] = None,
     selection: Annotated[

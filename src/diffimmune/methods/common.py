@@ -172,8 +172,8 @@ class ImmunizeConfig(StrictModel):
         default=0,
         ge=0,
         description="bi-level methods, with max_loss: up to this many extra lower-level steps (no graph) "
-        "before an outer step's own, taken while an adversary's loss on its target data is over max_loss, "
-        "so the ascent keeps a recovered adversary to push against",
+        "before an outer step's own, until one starts with every adversary's loss on its target data within "
+        "max_loss (that step kept, so at least one), so the ascent keeps a recovered adversary to push against",
     )
     inner_rank: int = Field(default=4, gt=0)
     inner_warm_start: bool = Field(
