@@ -3,6 +3,7 @@ nothing half-written."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -66,6 +67,33 @@ def test_info_describes_a_model_and_lists_a_selection(tiny_sd_dir):
     assert result.exit_code == 0, result.output
     assert "latent (VAE)" in result.output
     assert "selection 'xattn_kv': 8 tensors" in result.output
+
+
+def test_info_on_an_immunization_folder_summarises_the_game_over_the_second_half(tmp_path):
+    train = tmp_path / "immunize" / "train"
+    train.mkdir(parents=True)
+    entries = [
+        {"step": 10, "target_loss": 0.1, "target_loss_own_star": 0.1, "target_active": 1.0},
+        {"step": 20, "target_loss": 0.2, "target_loss_own_star": 0.3, "target_active": 1.0},
+        {"step": 30, "target_loss": 0.4, "target_loss_own_star": 0.5, "target_active": 0.0},
+        {"step": 40, "target_loss": 0.8, "target_loss_own_star": 0.9, "target_active": 0.5},
+    ]
+    (train / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    result = runner.invoke(app, ["info", str(tmp_path / "immunize")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "logged steps" in result.output
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in result.output.splitlines()
+        if line.count("│") == 3
+    }
+    assert rows["target_active, steps 30+"] == "mean 0.25 (min 0, max 0.5)"
+    assert rows["target_loss, steps 30+"] == "mean 0.6 (min 0.4, max 0.8)"
+    assert rows["target_loss_own_star, steps 30+"] == "mean 0.7 (min 0.5, max 0.9)"
+    assert "retain_loss, steps 30+" not in rows  # not logged, not made up
+
+    (train / "metrics.jsonl").write_text('{"step": 10}\n{"step": 20, "target')
+    assert_one_line_error(invoke("info", tmp_path / "immunize"), "metrics.jsonl", "not JSON lines")
 
 
 def test_missing_model_path(tmp_path):

@@ -165,28 +165,43 @@ def _info_delta(path: Path) -> None:
 
 
 def _info_run(path: Path) -> None:
-    from diffimmune.core.train import latest_checkpoint
+    from diffimmune.core.train import late_summary, latest_checkpoint, read_metrics
 
     table = Table(title=f"run {path}", show_header=False)
     checkpoint = latest_checkpoint(path)
     table.add_row("latest checkpoint", str(checkpoint) if checkpoint else "none")
     metrics = path / "metrics.jsonl"
     if metrics.is_file():
-        lines = [line for line in metrics.read_text().splitlines() if line]
-        if lines:
-            last = json.loads(lines[-1])
-            table.add_row("logged steps", str(len(lines)))
+        try:
+            entries = read_metrics(metrics)
+        except json.JSONDecodeError as error:
+            raise DiffImmuneError(
+                f"{metrics}: not JSON lines ({error}); it is written by training runs"
+            ) from None
+        if entries:
+            last = entries[-1]
+            table.add_row("logged steps", str(len(entries)))
             table.add_row(
                 "last metrics",
                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()),
             )
+            # how the bi-level game went: is the ascent still pushing (target_active) and where the
+            # adversaries' target loss sits, over the second half of the run
+            first = entries[len(entries) // 2].get("step", "?")
+            for name, (mean, low, high) in late_summary(entries).items():
+                table.add_row(f"{name}, steps {first}+", f"mean {mean:.4g} (min {low:.4g}, max {high:.4g})")
     console.print(table)
 
 
 @app.command()
 @user_errors
 def info(
-    path: Annotated[Path, typer.Argument(help="a model folder, a delta folder or a run folder")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="a model folder, a delta folder or a run folder (train/, or the folder holding it)"
+        ),
+    ],
     selection: Annotated[
         str | None, typer.Option(help="also list the parameters this selection picks")
     ] = None,
@@ -208,9 +223,12 @@ def info(
             _info_model(path, selection, allow_pickle, trust_remote_code)
     elif (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir():
         _info_run(path)
+    elif (path / "train" / "metrics.jsonl").is_file():  # an immunization or attack folder
+        _info_run(path / "train")
     else:
         raise DiffImmuneError(
-            f"{path} is not a model (model_index.json), delta (manifest.json) or run folder (metrics.jsonl)"
+            f"{path} is not a model (model_index.json), delta (manifest.json) or run folder (metrics.jsonl or "
+            "train/metrics.jsonl)"
         )
 
 

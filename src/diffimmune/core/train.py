@@ -196,6 +196,32 @@ class MetricsLog:
                 handle.write(json.dumps(entry) + "\n")
 
 
+# The metrics that say how a bi-level run's game went (methods/bilevel.py): the adversaries' loss on the
+# target data at their adapted weights, and the share of those losses still within max_loss.
+GAME_METRICS = ("target_loss", "target_active", "retain_loss", "inner_catch_up")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The entries of a `metrics.jsonl`, in order."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def late_summary(
+    entries: list[dict], keys: tuple[str, ...] = GAME_METRICS
+) -> dict[str, tuple[float, float, float]]:
+    """Mean, min and max of each numeric key over the second half of the logged entries (from the middle
+    entry on, so one entry is its own half), for the keys the log has; per-view keys that start with a
+    key (target_loss_<view>) are summarised too."""
+    late = entries[len(entries) // 2 :]
+    names = sorted({k for e in late for k in e if any(k == key or k.startswith(key + "_") for key in keys)})
+    summary = {}
+    for name in names:
+        values = [e[name] for e in late if isinstance(e.get(name), int | float)]
+        if values:
+            summary[name] = (sum(values) / len(values), min(values), max(values))
+    return summary
+
+
 def progress_bar(enabled: bool, description: str, total: int, completed: int):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
