@@ -94,6 +94,12 @@ def main() -> None:
     def last_rate(model: str, attacks: list[str]) -> float:
         """Mean over the targets of each target's detection at its own attack's last step."""
         curves = [detection[(model, a, f"shape={t}")] for a, t in zip(attacks, targets, strict=True)]
+        if not all(curves):
+            raise SystemExit(
+                f"error: {args.run / 'metrics.csv'} has no detection rows for {model} under {', '.join(attacks)}: "
+                "it holds the models of the run's last `diffimmune run`; run the experiment again (cached) "
+                f"with {model} among its attack_models"
+            )
         return sum(curve[max(curve)] for curve in curves) / len(curves)
 
     other = similarity(args.other_attack)

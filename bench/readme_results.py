@@ -191,6 +191,8 @@ def main() -> None:
             "IMMA on the whole denoiser (distill 5, unconditional kept) against heart and moon",
             "one LoRA adversary per target, no merge (distill 5, unconditional kept) against heart and moon",
             "Adam adversaries per target, LoRA or LoRA + DreamBooth (otherwise as above) against heart and moon",
+            "Adam LoRA adversaries under the retain projection (E = 0.95), retain weight 10 or 5",
+            "under the retain projection at E = 0.9 (seeds 0-2), outer lr 1e-3, LoRA + DreamBooth adversaries",
         )
         for title, rows in zip(titles, markdown_tables(personalisation.read_text()), strict=False):
             link = "([docs/personalisation](docs/personalisation/README.md))"
