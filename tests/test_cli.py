@@ -93,7 +93,7 @@ def test_info_on_an_immunization_folder_summarises_the_game_over_the_second_half
     assert "retain_loss, steps 30+" not in rows  # not logged, not made up
 
     (train / "metrics.jsonl").write_text('{"step": 10}\n{"step": 20, "target')
-    assert_one_line_error(invoke("info", tmp_path / "immunize"), "metrics.jsonl", "not JSON lines")
+    assert_one_line_error(invoke("info", tmp_path / "immunize"), "metrics.jsonl: line 2 is not JSON")
 
 
 def test_missing_model_path(tmp_path):

@@ -174,10 +174,8 @@ def _info_run(path: Path) -> None:
     if metrics.is_file():
         try:
             entries = read_metrics(metrics)
-        except json.JSONDecodeError as error:
-            raise DiffImmuneError(
-                f"{metrics}: not JSON lines ({error}); it is written by training runs"
-            ) from None
+        except ValueError as error:
+            raise DiffImmuneError(f"{error}; metrics.jsonl holds one JSON object per line") from None
         if entries:
             last = entries[-1]
             table.add_row("logged steps", str(len(entries)))

@@ -197,13 +197,21 @@ class MetricsLog:
 
 
 # The metrics that say how a bi-level run's game went (methods/bilevel.py): the adversaries' loss on the
-# target data at their adapted weights, and the share of those losses still within max_loss.
+# target data at their adapted weights (and per adapted model, target_loss_<view>), the share of those
+# losses still within max_loss (target_active), the retain loss, and the catch-up steps taken.
 GAME_METRICS = ("target_loss", "target_active", "retain_loss", "inner_catch_up")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The entries of a `metrics.jsonl`, in order."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The entries of a `metrics.jsonl`, in order; a line that is not JSON raises ValueError naming it."""
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number} is not JSON ({error.msg})") from None
+    return entries
 
 
 def late_summary(
