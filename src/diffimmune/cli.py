@@ -165,7 +165,7 @@ def _info_delta(path: Path) -> None:
 
 
 def _info_run(path: Path) -> None:
-    from diffimmune.core.train import late_summary, latest_checkpoint, read_metrics
+    from diffimmune.core.train import latest_checkpoint, metrics_summary, read_metrics
 
     table = Table(title=f"run {path}", show_header=False)
     checkpoint = latest_checkpoint(path)
@@ -184,9 +184,10 @@ def _info_run(path: Path) -> None:
                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()),
             )
             # how the bi-level game went: is the ascent still pushing (target_active) and where the
-            # adversaries' target loss sits, over the second half of the run
-            first = entries[len(entries) // 2].get("step", "?")
-            for name, (mean, low, high) in late_summary(entries).items():
+            # adversaries' target loss sits, over the second half of the run (from the middle entry on)
+            late = entries[len(entries) // 2 :]
+            first = late[0].get("step", "?")
+            for name, (mean, low, high) in metrics_summary(late).items():
                 table.add_row(f"{name}, steps {first}+", f"mean {mean:.4g} (min {low:.4g}, max {high:.4g})")
     console.print(table)
 

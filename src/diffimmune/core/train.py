@@ -214,17 +214,17 @@ def read_metrics(path: Path) -> list[dict]:
     return entries
 
 
-def late_summary(
+def metrics_summary(
     entries: list[dict], keys: tuple[str, ...] = GAME_METRICS
 ) -> dict[str, tuple[float, float, float]]:
-    """Mean, min and max of each numeric key over the second half of the logged entries (from the middle
-    entry on, so one entry is its own half), for the keys the log has; per-view keys that start with a
-    key (target_loss_<view>) are summarised too."""
-    late = entries[len(entries) // 2 :]
-    names = sorted({k for e in late for k in e if any(k == key or k.startswith(key + "_") for key in keys)})
+    """Mean, min and max of each numeric key over the given log entries, for the keys they have; per-view
+    keys that start with a key (target_loss_<view>) are summarised too."""
+    names = sorted(
+        {k for e in entries for k in e if any(k == key or k.startswith(key + "_") for key in keys)}
+    )
     summary = {}
     for name in names:
-        values = [e[name] for e in late if isinstance(e.get(name), int | float)]
+        values = [e[name] for e in entries if isinstance(e.get(name), int | float)]
         if values:
             summary[name] = (sum(values) / len(values), min(values), max(values))
     return summary

@@ -294,7 +294,7 @@ class BilevelMethod(Method):
             inner_losses.clear()
             state = adapt(state, inner_step, [batches], create_graph=False)
             taken += 1
-            if max(float(loss) for loss in inner_losses) <= bound:
+            if torch.stack(inner_losses).max().item() <= bound:  # one device sync per extra step
                 break
         return CaughtUp(state, taken)
 
