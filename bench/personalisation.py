@@ -6,14 +6,19 @@ generations of the two models (same prompts and seeds, world encoder):
     S_other  = the same on the other held-out concept, taught to both models by `--other-attack`
     MRSGR    = (S_other - S_target) / S_other
 
-    python bench/personalisation.py runs/personalisation [--other-attack lora_arrow]
+    python bench/personalisation.py runs/personalisation [--other-attack lora_arrow] [--samples 32]
+        [--folder-metrics]
+
+Detection is read from each attack folder's own evaluation (the pipeline's `eval-<hash>.csv` for the run's
+evaluate settings, `--samples` overriding its count; with `--folder-metrics`, the folder's `metrics.csv`
+written by `diffimmune evaluate --run FOLDER`), so it does not depend on which models the run's last
+`diffimmune run` listed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -24,6 +29,7 @@ from diffimmune.eval.evaluate import EVAL_SEED, concept_prompts, read_metrics_cs
 from diffimmune.eval.metrics import mrsgr
 from diffimmune.eval.sampling import load_png, sample_key
 from diffimmune.models.diffusion_model import load_model
+from diffimmune.pipeline import EvaluateSpec, evaluation_file
 
 METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
 
@@ -62,13 +68,20 @@ def main() -> None:
     parser.add_argument("--other-attack", default="lora_arrow")
     parser.add_argument("--immunized", default="mima")
     parser.add_argument("--without", default="base")
+    parser.add_argument(
+        "--samples", type=int, help="generations per concept (default: the run's evaluate settings)"
+    )
+    parser.add_argument("--folder-metrics", action="store_true", help="read each attack folder's metrics.csv")
     args = parser.parse_args()
     from diffimmune.data.sources import world_model_folder
     from diffimmune.eval.encoders import WorldEncoder
     from diffimmune.recipes.world_build import world_model_parts
 
     experiment = json.loads((args.run / "experiment.json").read_text())
-    settings = {"steps": 25, "guidance_scale": 4.0, "samples": 16, **experiment.get("evaluate", {})}
+    spec = EvaluateSpec.model_validate(experiment.get("evaluate", {}))
+    if args.samples:
+        spec = spec.model_copy(update={"samples": args.samples})
+    settings = spec.model_dump()
     targets = [t.partition("=")[2] or t for t in experiment["targets"]]
     folders = attack_folders(args.run)
     model = load_model(read_attack(next(iter(folders.values())))[1], device="cpu")
@@ -85,21 +98,28 @@ def main() -> None:
             settings,
         )
 
-    names = {read_attack(folder)[1]: model for (model, _attack), folder in folders.items()}
-    detection: dict = defaultdict(dict)  # (model name, attack, concept) -> {step: rate}
-    for row in read_metrics_csv(args.run / "metrics.csv"):
-        if row["metric"] == "detection":
-            detection[(names[row["model"]], row["attack"], row["concept"])][row["step"]] = row["value"]
+    def detection(model: str, attack: str) -> dict[int, float]:
+        """The attack's target detection per saved step, from the attack folder's own evaluation."""
+        folder = folders[(model, attack)]
+        config, _ = read_attack(folder)
+        targets = [f"{column}={value}" for column, value in target_concepts(config, None)]
+        path = folder / "metrics.csv" if args.folder_metrics else evaluation_file(folder, spec, targets)
+        if not path.is_file():
+            how = (
+                f"run `diffimmune evaluate --run {folder}` first"
+                if args.folder_metrics
+                else f"run the experiment with {model} attacked at these evaluate settings "
+                f"({spec.samples} samples), or pass --folder-metrics"
+            )
+            raise SystemExit(f"error: {path} is missing: {how}")
+        rows = read_metrics_csv(path)
+        return {
+            r["step"]: r["value"] for r in rows if r["metric"] == "detection" and r["concept"] == targets[0]
+        }
 
     def last_rate(model: str, attacks: list[str]) -> float:
         """Mean over the targets of each target's detection at its own attack's last step."""
-        curves = [detection[(model, a, f"shape={t}")] for a, t in zip(attacks, targets, strict=True)]
-        if not all(curves):
-            raise SystemExit(
-                f"error: {args.run / 'metrics.csv'} has no detection rows for {model} under {', '.join(attacks)}: "
-                "it holds the models of the run's last `diffimmune run`; run the experiment again (cached) "
-                f"with {model} among its attack_models"
-            )
+        curves = [detection(model, a) for a in attacks]
         return sum(curve[max(curve)] for curve in curves) / len(curves)
 
     other = similarity(args.other_attack)

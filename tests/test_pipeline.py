@@ -10,9 +10,17 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from diffimmune.attacks.runner import read_attack
 from diffimmune.cli import app
 from diffimmune.errors import DiffImmuneError
-from diffimmune.pipeline import DEMO_EXPERIMENT, build_stages, run_experiment, validate_experiment
+from diffimmune.eval.evaluate import target_concepts
+from diffimmune.pipeline import (
+    DEMO_EXPERIMENT,
+    build_stages,
+    evaluation_file,
+    run_experiment,
+    validate_experiment,
+)
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,6 +110,18 @@ def test_the_cache_reruns_only_what_changed(fast_world, tmp_path):
     assert kinds.count("erase") == 1 and kinds.count("immunize") == 1
     assert kinds.count("attack") == 4 and kinds.count("evaluate") == 4 and kinds.count("report") == 1
     assert (tmp_path / "run" / "report.html").is_file()
+    # Each attack folder's evaluation is found from the folder alone (its stage record and attack config).
+    plan = validate_experiment(experiment)
+    evaluations = [s for s in build_stages(plan, tmp_path / "run") if s.kind == "evaluate"]
+    for stage in evaluations:
+        config, _ = read_attack(stage.folder.parent)
+        targets = [f"{c}={v}" for c, v in target_concepts(config, None)]
+        assert evaluation_file(stage.folder.parent, plan.experiment.evaluate, targets) == stage.folder
+        assert stage.folder.is_file()
+    other = plan.experiment.evaluate.model_copy(update={"samples": 3})
+    assert evaluation_file(evaluations[0].folder.parent, other, targets) != evaluations[0].folder
+    with pytest.raises(DiffImmuneError, match="stage.json is missing"):
+        evaluation_file(tmp_path, other, targets)
 
     again = run_experiment(
         validate_experiment(experiment), tmp_path / "run", progress=False, log=lambda m: None

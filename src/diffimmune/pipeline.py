@@ -419,6 +419,23 @@ def immunize_key(config) -> dict:
     return {k: v for k, v in values.items() if IMMUNIZE_FIELDS_ADDED.get(k, object()) != v}
 
 
+def evaluation_file(
+    attack_folder: Path, settings: EvaluateSpec, targets: list[str], key: str | None = None
+) -> Path:
+    """The CSV in which the pipeline keeps an attack folder's evaluation under `settings` on `targets`
+    (column=value): each attack folder keeps one per evaluation, so a reader need not depend on which
+    models the run folder's last `diffimmune run` listed. `key` is the attack stage's hash, read from
+    the folder's stage record when not given."""
+    if key is None:
+        record = Path(attack_folder) / STAGE_FILE
+        if not record.is_file():
+            raise DiffImmuneError(
+                f"{record} is missing: {attack_folder} is not a finished attack of a pipeline run"
+            )
+        key = json.loads(record.read_text())["key"]
+    return Path(attack_folder) / f"eval-{stage_hash('evaluate', key, evaluation_key(settings), targets)}.csv"
+
+
 def stage_hash(*parts) -> str:
     text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
@@ -475,7 +492,7 @@ def build_stages(plan: ExperimentPlan, run_dir: Path) -> list[Stage]:
             stages.append(
                 Stage("attack", f"{model} / {attack.name}", folder, key, config.steps, images, model=model)
             )
-            eval_key = stage_hash("evaluate", key, evaluation_key(settings), attack.targets)
+            evaluation = evaluation_file(folder, settings, attack.targets, key=key)
             generated = _evaluation_sets(plan, attack, settings)
             later = sum(generated.values()) * (len(config.checkpoints()) - 1)
             # Every attack's step 0 is the model itself: a set generated there once is shared.
@@ -485,8 +502,8 @@ def build_stages(plan: ExperimentPlan, run_dir: Path) -> list[Stage]:
                 Stage(
                     "evaluate",
                     f"{model} / {attack.name}",
-                    folder / f"eval-{eval_key}.csv",
-                    eval_key,
+                    evaluation,
+                    evaluation.stem.removeprefix("eval-"),
                     images=first + later,
                     model=model,
                 )
