@@ -4,6 +4,9 @@ detection before any attack, FID of the other shapes before any attack (world en
 the erased model at the last step. Prints the markdown rows and writes table.json beside --out.
 
     python bench/relearning_table.py runs/relearning-3 --out docs/relearning/relearning-3/table.json
+
+`--attack NAME` picks the per-target attacks NAME-<target> (default lora) when the experiment lists
+several, e.g. the same LoRA at another learning rate or seed.
 """
 
 from __future__ import annotations
@@ -93,20 +96,23 @@ def metric_series(run: Path) -> dict:
     return series
 
 
-def relearning_table(run: Path) -> dict:
+def relearning_table(run: Path, attack: str = "lora") -> dict:
     experiment = json.loads((run / "experiment.json").read_text())
     targets = [t.partition("=")[2] or t for t in experiment["targets"]]
     series = metric_series(run)
     models = sorted({k[0] for k in series}, key=lambda m: (m != ERASED, m))
-    attacks = sorted({k[1] for k in series})
+    attacks = sorted({k[1] for k in series} & {f"{attack}-{t}" for t in targets})
+    if not attacks:
+        found = sorted({k[1].rsplit("-", 1)[0] for k in series if "-" in k[1]})
+        raise SystemExit(
+            f"error: {run / 'metrics.csv'} has no per-target attack '{attack}'; it has: {', '.join(found)} "
+            "(pass --attack)"
+        )
     table = {}
     for model in models:
-        per_target = {
-            t: series[(model, a, f"shape={t}", "detection")]
-            for t in targets
-            for a in attacks
-            if a.endswith(f"-{t}")
-        }
+        per_target = {t: series.get((model, f"{attack}-{t}", f"shape={t}", "detection")) for t in targets}
+        if not all(per_target.values()):  # this model was not attacked so
+            continue
         steps = sorted(set.intersection(*(set(curve) for curve in per_target.values())))
         detection = [float(np.mean([per_target[t][s] for t in per_target])) for s in steps]
         others = [
@@ -134,10 +140,9 @@ def relearning_table(run: Path) -> dict:
             last = steps[-1]
             pairs = {}
             for t in targets:
-                (attack,) = [a for a in attacks if a.endswith(f"-{t}")]
-                concept = f"shape={t}"
-                erased = series.get((ERASED, attack, concept, "similarity_world"), {})
-                mine = series.get((model, attack, concept, "similarity_world"), {})
+                concept, name = f"shape={t}", f"{attack}-{t}"
+                erased = series.get((ERASED, name, concept, "similarity_world"), {})
+                mine = series.get((model, name, concept, "similarity_world"), {})
                 if last in erased and last in mine:
                     pairs[concept] = (erased[last], mine[last])
             row["msgr"] = msgr(pairs) if pairs else None
@@ -152,8 +157,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="table.json to write")
+    parser.add_argument("--attack", default="lora", help="the per-target attacks' name (NAME-<target>)")
     args = parser.parse_args()
-    table = relearning_table(args.run)
+    table = relearning_table(args.run, args.attack)
     print("\n".join(relearning_rows(table)))
     if args.out:
         args.out.write_text(json.dumps(table, indent=1) + "\n")
