@@ -5,6 +5,10 @@ encoder) before any attack, both also as the change against the erased model. Pr
 writes it to a file (the README's results read docs/immunization-ii/*/table.md).
 
     python bench/defence_table.py runs/immunization-ii-unet --out docs/immunization-ii/immunization-ii-unet/table.md
+
+`--attacks A,B` gives one column per named LoRA attack (A-<target>, B-<target>; default lora), e.g. two draws
+of the same attack; `--benign ''` drops the benign column and `--no-kept` the other shapes and FID (for a run
+that evaluated the target only).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from relearning_table import ERASED, metric_series
 from diffimmune.eval.evaluate import SAFE_CONCEPT
 
 
-def defence_rows(run: Path) -> list[str]:
+def defence_rows(
+    run: Path, attacks: tuple[str, ...] = ("lora",), benign: str = "benign", kept: bool = True
+) -> list[str]:
     experiment = json.loads((run / "experiment.json").read_text())
     targets = [t.partition("=")[2] or t for t in experiment["targets"]]
     if len(targets) != 1:
@@ -50,23 +56,26 @@ def defence_rows(run: Path) -> list[str]:
 
     base_others, base_fid = before(ERASED)
     steps = sorted({s for (m, a, c, metric), v in series.items() if c == target for s in v})
-    rows = [
-        f"| model | LoRA re-learning, steps {' / '.join(map(str, steps))} | benign fine-tune | "
-        "other shapes | FID, other shapes |",
-        "|---|---|---|---|---|",
-    ]
+    names = [f"LoRA re-learning ({a})" if attacks != ("lora",) else "LoRA re-learning" for a in attacks]
+    header = [f"{name}, steps {' / '.join(map(str, steps))}" for name in names]
+    header += ["benign fine-tune"] if benign else []
+    header += ["other shapes", "FID, other shapes"] if kept else []
+    rows = ["| model | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for model in models:
-        others, fid = before(model)
-        other_text = f"{others:.0%}" if others is not None else "—"
-        fid_text = f"{fid:.1f}" if fid is not None else "—"
-        if model != ERASED and others is not None and base_others is not None:
-            other_text += f" ({(others - base_others) * 100:+.0f} pts)"
-        if model != ERASED and fid is not None and base_fid:
-            fid_text += f" ({fid / base_fid - 1:+.0%})"
-        rows.append(
-            f"| {model} | {curve(model, f'lora-{targets[0]}')} | {curve(model, 'benign')} | "
-            f"{other_text} | {fid_text} |"
-        )
+        cells = [curve(model, f"{a}-{targets[0]}") for a in attacks]
+        if all(c == "—" for c in cells):
+            continue  # not attacked so in this run
+        cells += [curve(model, benign)] if benign else []
+        if kept:
+            others, fid = before(model)
+            other_text = f"{others:.0%}" if others is not None else "—"
+            fid_text = f"{fid:.1f}" if fid is not None else "—"
+            if model != ERASED and others is not None and base_others is not None:
+                other_text += f" ({(others - base_others) * 100:+.0f} pts)"
+            if model != ERASED and fid is not None and base_fid:
+                fid_text += f" ({fid / base_fid - 1:+.0%})"
+            cells += [other_text, fid_text]
+        rows.append(f"| {model} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -74,8 +83,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="markdown file to write")
+    parser.add_argument("--attacks", default="lora", help="comma-separated LoRA attack names (NAME-<target>)")
+    parser.add_argument("--benign", default="benign", help="the benign fine-tune's attack name ('': none)")
+    parser.add_argument("--no-kept", action="store_true", help="leave out the other shapes and FID")
     args = parser.parse_args()
-    text = "\n".join(defence_rows(args.run))
+    attacks = tuple(args.attacks.split(","))
+    text = "\n".join(defence_rows(args.run, attacks, args.benign, not args.no_kept))
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
