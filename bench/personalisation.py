@@ -34,6 +34,10 @@ from diffimmune.pipeline import EvaluateSpec, evaluation_file
 METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
 
 
+class MissingEvaluation(Exception):
+    """An attack folder lacks the evaluation asked for (its message says how to make it)."""
+
+
 def attack_folders(run: Path) -> dict[tuple[str, str], Path]:
     """(model name, attack name) -> attack folder, from run/attacks/<model>-<hash>/<attack>."""
     found = {}
@@ -111,7 +115,7 @@ def main() -> None:
                 else f"run the experiment with {model} attacked at these evaluate settings "
                 f"({spec.samples} samples), or pass --folder-metrics"
             )
-            raise SystemExit(f"error: {path} is missing: {how}")
+            raise MissingEvaluation(f"error: {path} is missing: {how}")
         rows = read_metrics_csv(path)
         return {
             r["step"]: r["value"] for r in rows if r["metric"] == "detection" and r["concept"] == targets[0]
@@ -128,13 +132,20 @@ def main() -> None:
         f"| attack | target detection at the last step: {args.without} / {args.immunized} | S_target | MRSGR |"
     )
     print("|---|---|---|---|")
+    missing: list[str] = []
     for method in METHODS:
         attacks = [f"{method}-{t}" for t in targets]
         if not all((args.immunized, a) in folders and (args.without, a) in folders for a in attacks):
             continue
+        try:
+            rates = f"{last_rate(args.without, attacks):.0%} / {last_rate(args.immunized, attacks):.0%}"
+        except MissingEvaluation as error:  # the other methods' rows are still worth printing
+            missing.append(str(error))
+            continue
         target = sum(similarity(a) for a in attacks) / len(attacks)
-        rates = f"{last_rate(args.without, attacks):.0%} / {last_rate(args.immunized, attacks):.0%}"
         print(f"| {method} | {rates} | {target:.3f} | {mrsgr(target, other):.3f} |")
+    if missing:
+        raise SystemExit("\n".join(missing))
 
 
 if __name__ == "__main__":
