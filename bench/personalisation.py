@@ -102,28 +102,28 @@ def main() -> None:
             settings,
         )
 
-    def detection(model: str, attack: str) -> dict[int, float]:
+    def detection(name: str, attack: str) -> dict[int, float]:
         """The attack's target detection per saved step, from the attack folder's own evaluation."""
-        folder = folders[(model, attack)]
+        folder = folders[(name, attack)]
         config, _ = read_attack(folder)
-        targets = [f"{column}={value}" for column, value in target_concepts(config, None)]
-        path = folder / "metrics.csv" if args.folder_metrics else evaluation_file(folder, spec, targets)
+        concepts = [f"{column}={value}" for column, value in target_concepts(config, None)]
+        path = folder / "metrics.csv" if args.folder_metrics else evaluation_file(folder, spec, concepts)
         if not path.is_file():
             how = (
                 f"run `diffimmune evaluate --run {folder}` first"
                 if args.folder_metrics
-                else f"run the experiment with {model} attacked at these evaluate settings "
+                else f"run the experiment with {name} attacked at these evaluate settings "
                 f"({spec.samples} samples), or pass --folder-metrics"
             )
             raise MissingEvaluation(f"error: {path} is missing: {how}")
         rows = read_metrics_csv(path)
         return {
-            r["step"]: r["value"] for r in rows if r["metric"] == "detection" and r["concept"] == targets[0]
+            r["step"]: r["value"] for r in rows if r["metric"] == "detection" and r["concept"] == concepts[0]
         }
 
-    def last_rate(model: str, attacks: list[str]) -> float:
+    def last_rate(name: str, attacks: list[str]) -> float:
         """Mean over the targets of each target's detection at its own attack's last step."""
-        curves = [detection(model, a) for a in attacks]
+        curves = [detection(name, a) for a in attacks]
         return sum(curve[max(curve)] for curve in curves) / len(curves)
 
     other = similarity(args.other_attack)
