@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from relearning_table import ERASED, metric_series
+from relearning_table import ERASED, metric_series, require_attacks
 
 from diffimmune.eval.evaluate import SAFE_CONCEPT
 
@@ -31,6 +31,7 @@ def defence_rows(
         raise SystemExit(f"{run}: the table is for one target, the run has {len(targets)}")
     target = f"shape={targets[0]}"
     series = metric_series(run)
+    require_attacks(run, series, list(attacks), targets)
     models = sorted({key[0] for key in series}, key=lambda m: (m != ERASED, m))
 
     def curve(model: str, attack: str) -> str:

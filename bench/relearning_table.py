@@ -96,18 +96,24 @@ def metric_series(run: Path) -> dict:
     return series
 
 
+def require_attacks(run: Path, series: dict, attacks: list[str], targets: list[str]) -> None:
+    """Exit with a one-line error when the run's metrics have none of the per-target attacks
+    NAME-<target> asked for, naming the ones they have."""
+    have = {key[1] for key in series}
+    if not have & {f"{a}-{t}" for a in attacks for t in targets}:
+        found = sorted({name.rsplit("-", 1)[0] for name in have if "-" in name})
+        raise SystemExit(
+            f"error: {run / 'metrics.csv'} has no per-target attack {', '.join(attacks)}; it has: "
+            f"{', '.join(found)} (pass --attack / --attacks)"
+        )
+
+
 def relearning_table(run: Path, attack: str = "lora") -> dict:
     experiment = json.loads((run / "experiment.json").read_text())
     targets = [t.partition("=")[2] or t for t in experiment["targets"]]
     series = metric_series(run)
     models = sorted({k[0] for k in series}, key=lambda m: (m != ERASED, m))
-    attacks = sorted({k[1] for k in series} & {f"{attack}-{t}" for t in targets})
-    if not attacks:
-        found = sorted({k[1].rsplit("-", 1)[0] for k in series if "-" in k[1]})
-        raise SystemExit(
-            f"error: {run / 'metrics.csv'} has no per-target attack '{attack}'; it has: {', '.join(found)} "
-            "(pass --attack)"
-        )
+    require_attacks(run, series, [attack], targets)
     table = {}
     for model in models:
         per_target = {t: series.get((model, f"{attack}-{t}", f"shape={t}", "detection")) for t in targets}
