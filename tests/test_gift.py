@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from diffimmune.cli import app
+from diffimmune.core.objective import Batch
 from diffimmune.data.sources import model_world
 from diffimmune.errors import DiffImmuneError
 from diffimmune.methods.common import Context, ImmunizeConfig, immunize, method_registry
@@ -308,3 +309,58 @@ def test_retain_unconditional_adds_the_empty_prompt_to_the_safe_batches(world_mo
     count = len(reference)
     assert batch.prompts == [*reference.prompts, *([""] * count)]
     assert torch.equal(batch.x0[:count], reference.x0) and torch.equal(batch.x0[count:], reference.x0)
+
+
+def test_the_anchor_pool_is_the_starting_models_sampler_on_the_target_prompts(world_model, tmp_path):
+    config = gift_config(anchor_weight=1.0, retain_sampler_steps=4, negative_guidance=0.0)
+    method = make_gift(world_model, config, tmp_path)
+    prompts = [p for concept in method.context.concepts for p in concept.prompts]
+    assert method.anchor.prompts == [p for p in prompts for _ in range(4)]
+    assert (tmp_path / "anchor_states.safetensors").is_file()
+    batch = method.anchor.batch(4, torch.Generator().manual_seed(0), None, 0.0)
+    # At eta 0 the anchor pulls the target prompt's prediction to the empty prompt's.
+    model = world_model
+    with torch.no_grad():
+        conditional = model.denoise(None, batch.x0, batch.timesteps, model.encode_prompts(batch.prompts))
+        empty = model.denoise(None, batch.x0, batch.timesteps, model.encode_prompts([""] * len(batch)))
+    start = released(method)
+    expected = (conditional.float() - empty.float()).pow(2).mean().item()
+    assert expected > 0
+    assert method.anchor_loss(start, batch).item() == pytest.approx(expected, rel=1e-4)
+    # eta 1 guides the target further away: (1 + eta)^2 times the distance at the starting weights.
+    away = make_gift(world_model, config.model_copy(update={"negative_guidance": 1.0}), tmp_path)
+    assert away.anchor_loss(start, batch).item() == pytest.approx(4 * expected, rel=1e-4)
+    # Off by default, and refused for a method that does not read it.
+    assert make_gift(world_model, gift_config(), tmp_path / "off").anchor is None
+    with pytest.raises(ValueError, match="anchor_weight is read by gift"):
+        ImmunizeConfig(method="imma", concepts=["world:shape=star"], anchor_weight=1.0)
+
+
+def test_the_anchor_pulls_the_target_prompt_to_the_erasure_target_where_the_sampler_goes(
+    fast_world, tmp_path
+):
+    # GIFT's own terms (loss ascent on target images, preservation) leave the target prompt's predictions
+    # at the starting model's sampler states far from ESD's erasure target; the anchor term brings them
+    # measurably closer.
+    model_dir = fast_world[1].model_dir
+    distance = {}
+    for weight in (0.0, 50.0):
+        config = gift_config(
+            concepts=("star",),
+            steps=6,
+            beta=0.0,
+            max_loss=None,
+            learning_rate=1e-3,
+            anchor_weight=weight,
+            retain_sampler_steps=5,
+        )
+        model = load_model(model_dir)
+        run = immunize(model, config, tmp_path / str(weight), progress=False, world=model_world(model))
+        probe = make_gift(
+            load_model(model_dir), config.model_copy(update={"anchor_weight": 1.0}), tmp_path / "p"
+        )
+        pool = probe.anchor  # every recorded state
+        batch = Batch(pool.x0, pool.prompts, timesteps=pool.timesteps, noisy=True)
+        trained = load_model(run.out_dir).named_parameters()
+        distance[weight] = probe.anchor_loss({n: trained[n] for n in probe.theta_names}, batch).item()
+    assert distance[50.0] < 0.5 * distance[0.0], distance

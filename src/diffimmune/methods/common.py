@@ -74,10 +74,11 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "merge_others": ("mima", "compose"),
     "outer_models": ("mima", "compose"),
     "esd_variant": ("esd",),
-    "negative_guidance": ("esd", "resalign"),  # ResAlign: its harmful_loss esd
+    "negative_guidance": ("esd", "resalign", "gift"),  # ResAlign: its harmful_loss esd; GIFT: its anchor
     "beta": ("gift",),
     "noise_layers": ("gift",),
     "mmd_bandwidths": ("gift",),
+    "anchor_weight": ("gift",),
     **dict.fromkeys(_RESALIGN_FIELDS, ("resalign",)),
 }
 
@@ -129,6 +130,7 @@ IMMUNIZE_FIELDS_ADDED = {
     "retain_projection_samples": 256,
     "retain_projection_target_words": False,
     "inner_catch_up": 0,
+    "anchor_weight": 0.0,
 }
 
 
@@ -262,11 +264,20 @@ class ImmunizeConfig(StrictModel):
     max_loss: float | None = Field(
         default=None, gt=0, description="stop ascending a concept's loss once it exceeds this"
     )
-    negative_guidance: float = Field(default=1.0, ge=0, description="ESD's eta")
+    negative_guidance: float = Field(
+        default=1.0, ge=0, description="ESD's eta (also ResAlign's harmful_loss esd and GIFT's anchor_weight)"
+    )
     esd_variant: Literal["x", "u"] = "x"
     # GIFT (methods/gift.py)
     beta: float = Field(
         default=1.0, ge=0, description="GIFT: weight of representation noising (MMD to noise); 0 turns it off"
+    )
+    anchor_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="GIFT: weight of ESD's erasure loss at the states the starting model's own sampler visits "
+        "for the target prompts: the target prompt's prediction is pulled to the starting model's "
+        "prediction there guided away from the target (by negative_guidance); 0: off",
     )
     noise_layers: list[str] = Field(
         default_factory=lambda: ["down_blocks.*", "mid_block", "up_blocks.*"],
