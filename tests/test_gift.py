@@ -334,6 +334,8 @@ def test_the_anchor_pool_is_the_starting_models_sampler_on_the_target_prompts(wo
     assert make_gift(world_model, gift_config(), tmp_path / "off").anchor is None
     with pytest.raises(ValueError, match="anchor_weight is read by gift"):
         ImmunizeConfig(method="imma", concepts=["world:shape=star"], anchor_weight=1.0)
+    with pytest.raises(ValueError, match="set anchor_weight"):
+        gift_config(negative_guidance=0.0)
 
 
 def test_the_anchor_pulls_the_target_prompt_to_the_erasure_target_where_the_sampler_goes(

@@ -296,6 +296,10 @@ class ImmunizeConfig(StrictModel):
             raise ValueError(f"mmd_bandwidths must be positive finite numbers, got {self.mmd_bandwidths}")
         if any(not pattern.strip() for pattern in self.noise_layers):
             raise ValueError("noise_layers has an empty pattern; give module names such as mid_block")
+        if self.method == "gift" and self.anchor_weight == 0 and self.negative_guidance != 1.0:
+            raise ValueError(
+                "negative_guidance is GIFT's anchor eta and the anchor is off: set anchor_weight"
+            )
         return self
 
     # ResAlign (methods/resalign.py)
