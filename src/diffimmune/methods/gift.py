@@ -50,7 +50,7 @@ What diffimmune does:
   ascent reads the denoiser on noised target *images*, and nothing in the paper's objective governs what
   the sampler draws for the target prompt from pure noise; measured on the world (one target, whole
   denoiser, started from UCE's erased model), two seeds of five released a model that drew the target
-  more often than the erased model it started from, before any attack.
+  in 25-81% of its generations before any attack, where the other three drew it in 0-16%.
 """
 
 from __future__ import annotations
