@@ -236,6 +236,16 @@ def distillation_loss(
     return (prediction.to(precision) - target.to(precision)).pow(2).mean()
 
 
+def esd_target(model, x_t: Tensor, timesteps: Tensor, condition: Tensor, empty: Tensor, eta: float) -> Tensor:
+    """ESD's target (Gandikota et al. 2023) at x_t: the starting model's prediction guided away from the
+    concept, eps0(x_t, "") - eta (eps0(x_t, c) - eps0(x_t, "")), with `condition` the concept prompts'
+    embeddings and `empty` the empty prompt's (one row, expanded). No gradient."""
+    with torch.no_grad():
+        unconditional = model.denoise(None, x_t, timesteps, empty.expand(len(x_t), -1, -1))
+        conditional = model.denoise(None, x_t, timesteps, condition)
+        return unconditional - eta * (conditional - unconditional)
+
+
 def guided(prediction: Tensor, scale: float) -> Tensor:
     """uncond + scale (cond - uncond) from a prediction whose first half is conditional and second half
     unconditional (the order `distillation_loss` stacks them in)."""

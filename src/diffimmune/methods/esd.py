@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from diffimmune.adapters.prior import cached_generations
-from diffimmune.core.objective import Batch, sample_noise_and_timesteps
+from diffimmune.core.objective import Batch, esd_target, sample_noise_and_timesteps
 from diffimmune.methods.common import Context, Method
 
 GENERATION_SEED = 20_000
@@ -50,10 +50,7 @@ class ESD(Method):
         noise, timesteps = sample_noise_and_timesteps(self.model, batch, generator)
         x_t = self.model.scheduler.add_noise(batch.x0, noise, timesteps)
         condition = self.model.encode_prompts(prompts)
-        with torch.no_grad():
-            unconditional = self.model.denoise(None, x_t, timesteps, self.empty.expand(len(prompts), -1, -1))
-            conditional = self.model.denoise(None, x_t, timesteps, condition)
-            target = unconditional - self.config.negative_guidance * (conditional - unconditional)
+        target = esd_target(self.model, x_t, timesteps, condition, self.empty, self.config.negative_guidance)
         theta = {n: params[n] for n in self.theta_names}
         prediction = self.model.denoise(theta, x_t, timesteps, condition)
         return (prediction.float() - target.float()).pow(2).mean()

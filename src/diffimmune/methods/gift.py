@@ -66,6 +66,7 @@ from diffimmune.core.objective import (
     batch_losses,
     diffusion_loss,
     distillation_loss,
+    esd_target,
     sample_noise_and_timesteps,
     with_null_prompts,
 )
@@ -101,6 +102,8 @@ class GIFT(Method):
             self.anchor = sampler_states(
                 self.model, "anchor", prompts, self.config, context.out_dir / "anchor_states.safetensors"
             )
+            with torch.no_grad():
+                self.empty = self.model.encode_prompts([""])
 
     # -- the two levels
     def safe_batch(self, generator: torch.Generator) -> Batch:
@@ -189,18 +192,11 @@ class GIFT(Method):
         from it, eps0(x, "") - eta (eps0(x, c) - eps0(x, ""))."""
         model = self.model
         x_t, timesteps = batch.x0, batch.timesteps
-        prompts = list(batch.prompts)
         with torch.no_grad():
-            both = model.denoise(
-                None,
-                torch.cat([x_t, x_t]),
-                torch.cat([timesteps, timesteps]),
-                model.encode_prompts(prompts + [""] * len(prompts)),
-            ).float()
-            conditional, unconditional = both.chunk(2)
-            target = unconditional - self.config.negative_guidance * (conditional - unconditional)
-        prediction = model.denoise(params, x_t, timesteps, model.encode_prompts(prompts, params))
-        return (prediction.float() - target).pow(2).mean()
+            condition = model.encode_prompts(batch.prompts)
+        target = esd_target(model, x_t, timesteps, condition, self.empty, self.config.negative_guidance)
+        prediction = model.denoise(params, x_t, timesteps, model.encode_prompts(batch.prompts, params))
+        return (prediction.float() - target.float()).pow(2).mean()
 
     # -- one outer step
     def step(self, params: dict[str, Tensor], step: int, generator: torch.Generator):

@@ -60,6 +60,7 @@ from diffimmune.core.objective import (
     batch_losses,
     diffusion_loss,
     distillation_loss,
+    esd_target,
     math_attention,
     sample_noise_and_timesteps,
     with_null_prompts,
@@ -305,11 +306,8 @@ class ResAlign(Method):
             if self.config.harmful_loss == "esd":
                 x_t = self.model.scheduler.add_noise(batch.x0, batch.noise, batch.timesteps)
                 condition = self.model.encode_prompts(batch.prompts)
-                with torch.no_grad():
-                    empty = self.empty.expand(len(batch), -1, -1)
-                    unconditional = self.model.denoise(None, x_t, batch.timesteps, empty)
-                    conditional = self.model.denoise(None, x_t, batch.timesteps, condition)
-                    target = unconditional - self.config.negative_guidance * (conditional - unconditional)
+                eta = self.config.negative_guidance
+                target = esd_target(self.model, x_t, batch.timesteps, condition, self.empty, eta)
                 batch.meta = {"x_t": x_t, "condition": condition, "target": target}
             batches.append(batch)
         return batches
