@@ -15,8 +15,16 @@ from diffimmune.cli import app
 from diffimmune.core.objective import Batch
 from diffimmune.data.sources import model_world
 from diffimmune.errors import DiffImmuneError
-from diffimmune.methods.common import Context, ImmunizeConfig, immunize, method_registry
-from diffimmune.methods.gift import _fixed_draws
+from diffimmune.methods.common import (
+    INNER_PREFIX,
+    RETAIN_STATE_SEED,
+    Context,
+    ImmunizeConfig,
+    immunize,
+    method_registry,
+    record_sampler_states,
+)
+from diffimmune.methods.gift import ANCHOR_STATES, _fixed_draws
 from diffimmune.models.diffusion_model import load_model
 from diffimmune.models.params import select_parameters
 
@@ -204,9 +212,12 @@ def test_same_config_and_seed_give_the_same_delta(fast_world, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_a_killed_run_resumes_to_the_same_delta(fast_world, tmp_path):
+@pytest.mark.parametrize("anchor", [False, True])
+def test_a_killed_run_resumes_to_the_same_delta(fast_world, tmp_path, anchor):
     model_dir = fast_world[1].model_dir
     config = gift_config(steps=4)
+    if anchor:  # killed after step 3, between the refreshes at steps 2 and 4: the refreshed states carry
+        config = gift_config(steps=4, anchor_weight=5.0, anchor_refresh=2, retain_sampler_steps=3)
     world = model_world(load_model(model_dir))
 
     def run(steps, folder):
@@ -214,7 +225,7 @@ def test_a_killed_run_resumes_to_the_same_delta(fast_world, tmp_path):
         return immunize(load_model(model_dir), short, tmp_path / folder, progress=False, world=world)
 
     straight = run(4, "straight")
-    run(2, "killed")  # stopped after step 2: its checkpoint holds the weights and the optimiser state
+    run(3 if anchor else 2, "killed")  # its checkpoint holds the weights and the optimiser state
     resumed = run(4, "killed")
     a = load_model(straight.out_dir).named_parameters()
     b = load_model(resumed.out_dir).named_parameters()
@@ -238,11 +249,15 @@ def test_cli_immunize_gift_writes_a_delta(fast_world, tmp_path):
     result = runner.invoke(
         app,
         ["immunize", "--model", str(model_dir), "--method", "gift", "--concepts", "star,square",
-         "--steps", "2", "--beta", "0.5", "--hypergradient", "first_order", "--out", str(out)],
+         "--steps", "2", "--beta", "0.5", "--hypergradient", "first_order", "--anchor-weight", "2",
+         "--anchor-refresh", "1", "--out", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "delta" / "manifest.json").read_text())
     assert manifest["method"] == "gift" and manifest["hyperparameters"]["beta"] == 0.5
+    assert manifest["hyperparameters"]["anchor_weight"] == 2.0
+    assert manifest["hyperparameters"]["anchor_refresh"] == 1
+    assert (out / "anchor_states.safetensors").is_file()
     immunized, original = load_model(out), load_model(model_dir)
     changed = [
         n
@@ -366,3 +381,31 @@ def test_the_anchor_pulls_the_target_prompt_to_the_erasure_target_where_the_samp
         trained = load_model(run.out_dir).named_parameters()
         distance[weight] = probe.anchor_loss({n: trained[n] for n in probe.theta_names}, batch).item()
     assert distance[50.0] < 0.5 * distance[0.0], distance
+
+
+def test_anchor_refresh_re_records_the_states_from_the_trained_weights(world_model, tmp_path):
+    config = gift_config(anchor_weight=1.0, anchor_refresh=3, retain_sampler_steps=4)
+    method = make_gift(world_model, config, tmp_path)
+    start = method.anchor.x0.clone()
+    assert set(method.inner_state()) == {ANCHOR_STATES}
+    theta = released(method)
+    moved = {
+        n: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+        for n, v in theta.items()
+    }
+    params = {**moved, INNER_PREFIX + ANCHOR_STATES: start.clone()}
+    method.refresh_anchor(params, 4)  # between refreshes: the carried states stay
+    assert torch.equal(method.anchor.x0, start)
+    method.refresh_anchor(params, 3)
+    count = len(method.anchor_prompts)
+    seeds = [RETAIN_STATE_SEED + count + i for i in range(count)]
+    expected, _ = record_sampler_states(world_model, method.anchor_prompts, seeds, 4, 4.0, params=moved)
+    assert torch.equal(method.anchor.x0, expected.to(start))
+    assert torch.equal(params[INNER_PREFIX + ANCHOR_STATES], method.anchor.x0)
+    # The same noise under the starting weights gives other states: the trained model's sampler is read.
+    unmoved, _ = record_sampler_states(world_model, method.anchor_prompts, seeds, 4, 4.0)
+    assert not torch.allclose(unmoved.to(start), method.anchor.x0, atol=1e-3)
+    # Off without the anchor, and carried nothing when not refreshing.
+    assert make_gift(world_model, gift_config(anchor_weight=1.0), tmp_path / "fixed").inner_state() == {}
+    with pytest.raises(ValueError, match="set anchor_weight"):
+        gift_config(anchor_refresh=2)

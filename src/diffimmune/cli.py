@@ -509,6 +509,18 @@ def immunize(
     beta: Annotated[
         float | None, typer.Option(help="GIFT: weight of representation noising (0: off)")
     ] = None,
+    anchor_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="GIFT: weight of ESD's erasure loss at the sampler's states for the target prompts (0: off)"
+        ),
+    ] = None,
+    anchor_refresh: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="GIFT: re-record the anchor's states from the trained model every this many steps"
+        ),
+    ] = None,
     relearn_weight: Annotated[
         float | None, typer.Option(help="ResAlign: weight of the harm after a simulated fine-tune (0: off)")
     ] = None,
@@ -598,6 +610,8 @@ def immunize(
         "tokens": split_list(tokens) or None,
         "seed": seed,
         "beta": beta,
+        "anchor_weight": anchor_weight,
+        "anchor_refresh": anchor_refresh,
         "relearn_weight": relearn_weight,
         "retain_weight": retain_weight,
         "retain_loss": retain_loss,

@@ -79,6 +79,7 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "noise_layers": ("gift",),
     "mmd_bandwidths": ("gift",),
     "anchor_weight": ("gift",),
+    "anchor_refresh": ("gift",),
     **dict.fromkeys(_RESALIGN_FIELDS, ("resalign",)),
 }
 
@@ -131,6 +132,7 @@ IMMUNIZE_FIELDS_ADDED = {
     "retain_projection_target_words": False,
     "inner_catch_up": 0,
     "anchor_weight": 0.0,
+    "anchor_refresh": 0,
 }
 
 
@@ -279,6 +281,12 @@ class ImmunizeConfig(StrictModel):
         "for the target prompts: the target prompt's prediction is pulled to the starting model's "
         "prediction there guided away from the target (by negative_guidance); 0: off",
     )
+    anchor_refresh: int = Field(
+        default=0,
+        ge=0,
+        description="GIFT: every this many steps, re-record the anchor's states from the model being "
+        "trained (fresh noise each time), as ESD samples them; 0: keep the starting model's states",
+    )
     noise_layers: list[str] = Field(
         default_factory=lambda: ["down_blocks.*", "mid_block", "up_blocks.*"],
         min_length=1,
@@ -299,6 +307,10 @@ class ImmunizeConfig(StrictModel):
         if self.method == "gift" and self.anchor_weight == 0 and self.negative_guidance != 1.0:
             raise ValueError(
                 "negative_guidance is GIFT's anchor eta and the anchor is off: set anchor_weight"
+            )
+        if self.method == "gift" and self.anchor_weight == 0 and self.anchor_refresh:
+            raise ValueError(
+                "anchor_refresh re-records GIFT's anchor and the anchor is off: set anchor_weight"
             )
         return self
 
@@ -587,6 +599,31 @@ def default_retain(concepts: list[str]) -> str | None:
 RETAIN_STATE_SEED = 30000
 
 
+def record_sampler_states(
+    model, prompts: list[str], seeds: list[int], steps: int, scale: float, params=None
+) -> tuple[Tensor, Tensor]:
+    """The states the guided DDIM sampler of `model` (with `params` in place of its own tensors, if
+    given) visits for each prompt from the noise of its seed: (states, timesteps), prompt-major (every
+    state of a prompt's trajectory together), in float32 on the CPU."""
+    states, timesteps = [], []
+    with torch.no_grad():
+        for start in range(0, len(prompts), 32):
+            chunk = prompts[start : start + 32]
+            recorded: list[tuple[Tensor, Tensor]] = []
+            model.sample(
+                chunk,
+                model.initial_noise(seeds[start : start + 32]),
+                steps,
+                scale,
+                params=params,
+                on_state=lambda x, t, into=recorded: into.append((x, t)),
+            )
+            states.append(torch.stack([x for x, _ in recorded], 1).flatten(0, 1).float().cpu())
+            times = torch.stack([torch.as_tensor(t).reshape(()) for _, t in recorded]).long().cpu()
+            timesteps.append(times.repeat(len(chunk)))
+    return torch.cat(states).contiguous(), torch.cat(timesteps)
+
+
 def sampler_states(
     model, name: str, prompts: list[str], config: ImmunizeConfig, cache: Path
 ) -> ConceptSamples:
@@ -608,23 +645,8 @@ def sampler_states(
             if (handle.metadata() or {}).get("key") == key:
                 tensors = {k: handle.get_tensor(k) for k in ("states", "timesteps")}
     if tensors is None:
-        states, timesteps = [], []
-        with torch.no_grad():
-            for start in range(0, len(prompts), 32):
-                chunk = prompts[start : start + 32]
-                recorded: list[tuple[Tensor, Tensor]] = []
-                model.sample(
-                    chunk,
-                    model.initial_noise(seeds[start : start + 32]),
-                    steps,
-                    scale,
-                    on_state=lambda x, t, into=recorded: into.append((x, t)),
-                )
-                # prompt-major: every state of a prompt's trajectory together
-                states.append(torch.stack([x for x, _ in recorded], 1).flatten(0, 1).float().cpu())
-                times = torch.stack([torch.as_tensor(t).reshape(()) for _, t in recorded]).long().cpu()
-                timesteps.append(times.repeat(len(chunk)))
-        tensors = {"states": torch.cat(states).contiguous(), "timesteps": torch.cat(timesteps)}
+        states, timesteps = record_sampler_states(model, prompts, seeds, steps, scale)
+        tensors = {"states": states, "timesteps": timesteps}
         with atomic_file(cache) as temporary:
             save_file(tensors, str(temporary), metadata={"key": key})
     per_prompt = steps if len(prompts) == 0 else len(tensors["timesteps"]) // len(prompts)

@@ -50,7 +50,12 @@ What diffimmune does:
   ascent reads the denoiser on noised target *images*, and nothing in the paper's objective governs what
   the sampler draws for the target prompt from pure noise; measured on the world (one target, whole
   denoiser, started from UCE's erased model), two seeds of five released a model that drew the target
-  in 25-81% of its generations before any attack, where the other three drew it in 0-16%.
+  in 25-81% of its generations before any attack, where the other three drew it in 0-16%;
+- `anchor_refresh` (default 0: the starting model's states throughout) re-records the anchor's states
+  every that many steps from the model being trained, from fresh noise, which is where ESD reads its
+  loss (it samples the partially denoised states with the model it trains): the states a fixed pool
+  holds stop being the ones the released model's sampler visits once the ascent moves it. The states
+  are carried with the checkpoints, so a resumed run reads the ones the first had.
 """
 
 from __future__ import annotations
@@ -72,7 +77,17 @@ from diffimmune.core.objective import (
 )
 from diffimmune.core.train import StepOutput
 from diffimmune.errors import DiffImmuneError
-from diffimmune.methods.common import Context, Method, sampler_states, theta_of
+from diffimmune.methods.common import (
+    INNER_PREFIX,
+    RETAIN_STATE_SEED,
+    Context,
+    Method,
+    record_sampler_states,
+    sampler_states,
+    theta_of,
+)
+
+ANCHOR_STATES = "anchor_states"
 
 
 class GIFT(Method):
@@ -98,12 +113,44 @@ class GIFT(Method):
         # `anchor_weight`: the states the starting model's sampler visits for the target prompts.
         self.anchor = None
         if self.config.anchor_weight > 0:
-            prompts = [prompt for concept in context.concepts for prompt in concept.prompts]
+            self.anchor_prompts = [prompt for concept in context.concepts for prompt in concept.prompts]
             self.anchor = sampler_states(
-                self.model, "anchor", prompts, self.config, context.out_dir / "anchor_states.safetensors"
+                self.model,
+                "anchor",
+                self.anchor_prompts,
+                self.config,
+                context.out_dir / "anchor_states.safetensors",
             )
             with torch.no_grad():
                 self.empty = self.model.encode_prompts([""])
+
+    def inner_state(self) -> dict[str, Tensor]:
+        """With `anchor_refresh`, the anchor's current states (re-recorded during the run, so a resumed
+        run continues from the states the first had)."""
+        if self.anchor is None or not self.config.anchor_refresh:
+            return {}
+        return {ANCHOR_STATES: self.anchor.x0}
+
+    def refresh_anchor(self, params: dict[str, Tensor], step: int) -> None:
+        """Every `anchor_refresh` steps, the anchor's states become those the trained model's own sampler
+        visits for the target prompts (ESD's states), from fresh noise (seeds move on per refresh); in
+        between, and on resume, the carried states."""
+        carried = params[INNER_PREFIX + ANCHOR_STATES]
+        every = self.config.anchor_refresh
+        if step > 0 and step % every == 0:
+            count = len(self.anchor_prompts)
+            seeds = [RETAIN_STATE_SEED + (step // every) * count + i for i in range(count)]
+            states, _ = record_sampler_states(
+                self.model,
+                self.anchor_prompts,
+                seeds,
+                self.config.retain_sampler_steps,
+                self.config.retain_guidance_scale,
+                params=theta_of(params, self.theta_names),
+            )
+            with torch.no_grad():
+                carried.copy_(states.to(carried))
+        self.anchor.x0 = carried.detach()
 
     # -- the two levels
     def safe_batch(self, generator: torch.Generator) -> Batch:
@@ -218,6 +265,8 @@ class GIFT(Method):
         retain_batch = _fixed_draws(self.model, self.safe_batch(generator), generator) if weight > 0 else None
         anchor_batch = None
         if self.anchor is not None:
+            if self.config.anchor_refresh:
+                self.refresh_anchor(params, step)
             anchor_batch = self.anchor.batch(self.config.batch_size, generator, None, 0.0)
         with torch.no_grad():
             safe_before = self.safe_loss(theta, safe_batches[0]).item()
