@@ -7,8 +7,10 @@ writes it to a file (the README's results read docs/immunization-ii/*/table.md).
     python bench/defence_table.py runs/immunization-ii-unet --out docs/immunization-ii/immunization-ii-unet/table.md
 
 `--attacks A,B` gives one column per named LoRA attack (A-<target>, B-<target>; default lora), e.g. two draws
-of the same attack; `--benign ''` drops the benign column and `--no-kept` the other shapes and FID (for a run
-that evaluated the target only).
+of the same attack (`--attacks ''`: none, for a run with only the benign fine-tune); `--benign ''` drops the benign column and `--no-kept` the other shapes and FID (for a run
+that evaluated the target only). `--update` keeps the rows of an existing --out table for the models this run
+does not hold (rows measured in an earlier run folder with the same columns); the erased model's row must
+then read the same, or the tables are not comparable and nothing is written.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def defence_rows(
         raise SystemExit(f"{run}: the table is for one target, the run has {len(targets)}")
     target = f"shape={targets[0]}"
     series = metric_series(run)
-    require_attacks(run, series, list(attacks), targets)
+    if attacks:
+        require_attacks(run, series, list(attacks), targets)
     models = sorted({key[0] for key in series}, key=lambda m: (m != ERASED, m))
 
     def curve(model: str, attack: str) -> str:
@@ -64,7 +67,7 @@ def defence_rows(
     rows = ["| model | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for model in models:
         cells = [curve(model, f"{a}-{targets[0]}") for a in attacks]
-        if all(c == "—" for c in cells):
+        if cells and all(c == "—" for c in cells):
             continue  # not attacked so in this run
         cells += [curve(model, benign)] if benign else []
         if kept:
@@ -80,6 +83,25 @@ def defence_rows(
     return rows
 
 
+def merged_rows(old: list[str], new: list[str], path: Path) -> list[str]:
+    """`new`'s header and rows plus `old`'s rows of models `new` lacks, erased first, then by name."""
+    if old[:2] != new[:2]:
+        raise SystemExit(f"{path}: its columns differ from this run's; write it without --update")
+
+    def model(line: str) -> str:
+        return line.strip("|").split("|")[0].strip()
+
+    fresh = {model(line): line for line in new[2:]}
+    kept = {model(line): line for line in old[2:] if line.startswith("| ")}
+    if ERASED in fresh and ERASED in kept and kept[ERASED] != fresh[ERASED]:
+        raise SystemExit(
+            f"{path}: the erased model reads {kept[ERASED]!r} there and {fresh[ERASED]!r} here; the rows "
+            "are not comparable, write it without --update"
+        )
+    rows = {**kept, **fresh}
+    return new[:2] + [rows[m] for m in sorted(rows, key=lambda m: (m != ERASED, m))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -87,9 +109,15 @@ def main() -> None:
     parser.add_argument("--attacks", default="lora", help="comma-separated LoRA attack names (NAME-<target>)")
     parser.add_argument("--benign", default="benign", help="the benign fine-tune's attack name ('': none)")
     parser.add_argument("--no-kept", action="store_true", help="leave out the other shapes and FID")
+    parser.add_argument(
+        "--update", action="store_true", help="keep --out's rows of the models this run does not hold"
+    )
     args = parser.parse_args()
-    attacks = tuple(args.attacks.split(","))
-    text = "\n".join(defence_rows(args.run, attacks, args.benign, not args.no_kept))
+    attacks = tuple(name for name in args.attacks.split(",") if name)
+    rows = defence_rows(args.run, attacks, args.benign, not args.no_kept)
+    if args.update and args.out and args.out.is_file():
+        rows = merged_rows(args.out.read_text().splitlines(), rows, args.out)
+    text = "\n".join(rows)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
