@@ -7,10 +7,11 @@ writes it to a file (the README's results read docs/immunization-ii/*/table.md).
     python bench/defence_table.py runs/immunization-ii-unet --out docs/immunization-ii/immunization-ii-unet/table.md
 
 `--attacks A,B` gives one column per named LoRA attack (A-<target>, B-<target>; default lora), e.g. two draws
-of the same attack (`--attacks ''`: none, for a run with only the benign fine-tune); `--benign ''` drops the benign column and `--no-kept` the other shapes and FID (for a run
-that evaluated the target only). `--update` keeps the rows of an existing --out table for the models this run
-does not hold (rows measured in an earlier run folder with the same columns); the erased model's row must
-then read the same, or the tables are not comparable and nothing is written.
+of the same attack (`--attacks ''`: none, for a run with only the benign fine-tune); `--benign ''` drops the
+benign column and `--no-kept` the other shapes and FID (for a run that evaluated the target only).
+`--update` keeps the rows of an existing --out table for the models this run does not hold (rows measured in
+an earlier run folder with the same columns); the erased model's row must then read the same, or the tables
+are not comparable and nothing is written.
 """
 
 from __future__ import annotations
