@@ -250,13 +250,14 @@ def test_cli_immunize_gift_writes_a_delta(fast_world, tmp_path):
         app,
         ["immunize", "--model", str(model_dir), "--method", "gift", "--concepts", "star,square",
          "--steps", "2", "--beta", "0.5", "--hypergradient", "first_order", "--anchor-weight", "2",
-         "--anchor-refresh", "1", "--out", str(out)],
+         "--anchor-refresh", "1", "--anchor-selection", "xattn", "--out", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "delta" / "manifest.json").read_text())
     assert manifest["method"] == "gift" and manifest["hyperparameters"]["beta"] == 0.5
     assert manifest["hyperparameters"]["anchor_weight"] == 2.0
     assert manifest["hyperparameters"]["anchor_refresh"] == 1
+    assert manifest["hyperparameters"]["anchor_selection"] == "xattn"
     assert (out / "anchor_states.safetensors").is_file()
     immunized, original = load_model(out), load_model(model_dir)
     changed = [
@@ -409,3 +410,38 @@ def test_anchor_refresh_re_records_the_states_from_the_trained_weights(world_mod
     assert make_gift(world_model, gift_config(anchor_weight=1.0), tmp_path / "fixed").inner_state() == {}
     with pytest.raises(ValueError, match="set anchor_weight"):
         gift_config(anchor_refresh=2)
+
+
+def test_anchor_selection_lets_the_anchor_reach_only_its_tensors(world_model, tmp_path):
+    # beta 0, no retain term and every target past max_loss: the upper gradient is the anchor's alone
+    # (first order: unrolled, the preservation step's Hessian carries it on to other tensors, by design).
+    grads = {}
+    for limit in (None, "xattn"):
+        config = gift_config(
+            selection="attn",
+            beta=0.0,
+            max_loss=1e-6,
+            anchor_weight=5.0,
+            anchor_selection=limit,
+            retain_sampler_steps=3,
+            hypergradient="first_order",
+        )
+        method = make_gift(world_model, config, tmp_path / str(limit))
+        grads[limit] = method.step(released(method), 0, torch.Generator().manual_seed(2)).grads
+    cross = set(select_parameters(world_model, "xattn"))
+    assert any(grads[None][n].abs().sum() > 0 for n in grads[None] if n not in cross)
+    for name, grad in grads["xattn"].items():
+        if name in cross:
+            torch.testing.assert_close(grad, grads[None][name], rtol=1e-4, atol=1e-8)
+        else:
+            assert torch.count_nonzero(grad) == 0, name
+    assert any(grads["xattn"][n].abs().sum() > 0 for n in cross)
+
+
+def test_anchor_selection_outside_the_trained_tensors_is_an_error(world_model, tmp_path):
+    with pytest.raises(DiffImmuneError, match="anchor_selection text_encoder picks none"):
+        make_gift(world_model, gift_config(anchor_weight=1.0, anchor_selection="text_encoder"), tmp_path)
+    with pytest.raises(ValueError, match="anchor_selection 'cross' is not a parameter selection"):
+        gift_config(anchor_weight=1.0, anchor_selection="cross")
+    with pytest.raises(ValueError, match="set anchor_weight"):
+        gift_config(anchor_selection="xattn")

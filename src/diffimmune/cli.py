@@ -521,6 +521,12 @@ def immunize(
             min=0, help="GIFT: re-record the anchor's states from the trained model every this many steps"
         ),
     ] = None,
+    anchor_selection: Annotated[
+        str | None,
+        typer.Option(
+            help="GIFT: the trained tensors the anchor reaches (a selection such as xattn; default all)"
+        ),
+    ] = None,
     relearn_weight: Annotated[
         float | None, typer.Option(help="ResAlign: weight of the harm after a simulated fine-tune (0: off)")
     ] = None,
@@ -612,6 +618,7 @@ def immunize(
         "beta": beta,
         "anchor_weight": anchor_weight,
         "anchor_refresh": anchor_refresh,
+        "anchor_selection": anchor_selection,
         "relearn_weight": relearn_weight,
         "retain_weight": retain_weight,
         "retain_loss": retain_loss,

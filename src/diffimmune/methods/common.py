@@ -33,7 +33,7 @@ from diffimmune.data.sources import load_concept_data, parse_filter
 from diffimmune.errors import DiffImmuneError
 from diffimmune.files import ensure_writable_folder, replace_other_run, write_json_atomic
 from diffimmune.models.diffusion_model import RUN_DELTA
-from diffimmune.models.params import select_parameters
+from diffimmune.models.params import SELECTIONS, select_parameters
 
 if TYPE_CHECKING:
     from diffimmune.core.projection import RetainProjection
@@ -80,6 +80,7 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "mmd_bandwidths": ("gift",),
     "anchor_weight": ("gift",),
     "anchor_refresh": ("gift",),
+    "anchor_selection": ("gift",),
     **dict.fromkeys(_RESALIGN_FIELDS, ("resalign",)),
 }
 
@@ -133,6 +134,7 @@ IMMUNIZE_FIELDS_ADDED = {
     "inner_catch_up": 0,
     "anchor_weight": 0.0,
     "anchor_refresh": 0,
+    "anchor_selection": None,
 }
 
 
@@ -287,6 +289,11 @@ class ImmunizeConfig(StrictModel):
         description="GIFT: every this many steps, re-record the anchor's states from the model being "
         "trained (fresh noise each time), as ESD samples them; 0: keep the starting model's states",
     )
+    anchor_selection: str | None = Field(
+        default=None,
+        description="GIFT: the trained tensors the anchor's gradient reaches (a parameter selection such as "
+        "xattn, ESD-x's); unset: every trained tensor",
+    )
     noise_layers: list[str] = Field(
         default_factory=lambda: ["down_blocks.*", "mid_block", "up_blocks.*"],
         min_length=1,
@@ -311,6 +318,13 @@ class ImmunizeConfig(StrictModel):
         if self.method == "gift" and self.anchor_weight == 0 and self.anchor_refresh:
             raise ValueError(
                 "anchor_refresh re-records GIFT's anchor and the anchor is off: set anchor_weight"
+            )
+        if self.method == "gift" and self.anchor_weight == 0 and self.anchor_selection is not None:
+            raise ValueError("anchor_selection limits GIFT's anchor and the anchor is off: set anchor_weight")
+        if self.anchor_selection is not None and self.anchor_selection not in SELECTIONS:
+            raise ValueError(
+                f"anchor_selection '{self.anchor_selection}' is not a parameter selection; "
+                f"known: {', '.join(SELECTIONS)}"
             )
         return self
 

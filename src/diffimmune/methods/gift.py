@@ -55,7 +55,10 @@ What diffimmune does:
   every that many steps from the model being trained, from fresh noise, which is where ESD reads its
   loss (it samples the partially denoised states with the model it trains): the states a fixed pool
   holds stop being the ones the released model's sampler visits once the ascent moves it. The states
-  are carried with the checkpoints, so a resumed run reads the ones the first had.
+  are carried with the checkpoints, so a resumed run reads the ones the first had;
+- `anchor_selection` (default: every trained tensor) lets the anchor's gradient reach only the trained
+  tensors of a selection, e.g. `xattn`, the cross-attention that ESD-x trains (the other terms still
+  reach all of them).
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ from diffimmune.methods.common import (
     sampler_states,
     theta_of,
 )
+from diffimmune.models.params import selection_names
 
 ANCHOR_STATES = "anchor_states"
 
@@ -123,6 +127,14 @@ class GIFT(Method):
             )
             with torch.no_grad():
                 self.empty = self.model.encode_prompts([""])
+            self.anchor_names = set(self.theta_names)
+            if self.config.anchor_selection is not None:
+                self.anchor_names = set(selection_names(self.config.anchor_selection, self.theta_names))
+                if not self.anchor_names:
+                    raise DiffImmuneError(
+                        f"anchor_selection {self.config.anchor_selection} picks none of the trained tensors "
+                        f"(selection {self.selection}): choose a selection inside it, such as xattn"
+                    )
 
     def inner_state(self) -> dict[str, Tensor]:
         """With `anchor_refresh`, the anchor's current states (re-recorded during the run, so a resumed
@@ -280,7 +292,8 @@ class GIFT(Method):
                 record["retain_loss"] = kept.item()
                 total = total + weight * kept
             if anchor_batch is not None:
-                held = self.anchor_loss(values, anchor_batch)
+                reached = {n: v if n in self.anchor_names else v.detach() for n, v in values.items()}
+                held = self.anchor_loss(reached, anchor_batch)
                 record["anchor_loss"] = held.item()
                 total = total + self.config.anchor_weight * held
             return total
