@@ -16,6 +16,7 @@ from diffimmune.core.objective import Batch
 from diffimmune.data.sources import model_world
 from diffimmune.errors import DiffImmuneError
 from diffimmune.methods.common import (
+    ANCHOR_STATES,
     INNER_PREFIX,
     RETAIN_STATE_SEED,
     Context,
@@ -24,7 +25,7 @@ from diffimmune.methods.common import (
     method_registry,
     record_sampler_states,
 )
-from diffimmune.methods.gift import ANCHOR_STATES, _fixed_draws
+from diffimmune.methods.gift import _fixed_draws
 from diffimmune.models.diffusion_model import load_model
 from diffimmune.models.params import select_parameters
 
@@ -331,9 +332,9 @@ def test_the_anchor_pool_is_the_starting_models_sampler_on_the_target_prompts(wo
     config = gift_config(anchor_weight=1.0, retain_sampler_steps=4, negative_guidance=0.0)
     method = make_gift(world_model, config, tmp_path)
     prompts = [p for concept in method.context.concepts for p in concept.prompts]
-    assert method.anchor.prompts == [p for p in prompts for _ in range(4)]
+    assert method.anchor.pool.prompts == [p for p in prompts for _ in range(4)]
     assert (tmp_path / "anchor_states.safetensors").is_file()
-    batch = method.anchor.batch(4, torch.Generator().manual_seed(0), None, 0.0)
+    batch = method.anchor.pool.batch(4, torch.Generator().manual_seed(0), None, 0.0)
     # At eta 0 the anchor pulls the target prompt's prediction to the empty prompt's.
     model = world_model
     with torch.no_grad():
@@ -342,10 +343,10 @@ def test_the_anchor_pool_is_the_starting_models_sampler_on_the_target_prompts(wo
     start = released(method)
     expected = (conditional.float() - empty.float()).pow(2).mean().item()
     assert expected > 0
-    assert method.anchor_loss(start, batch).item() == pytest.approx(expected, rel=1e-4)
+    assert method.anchor.loss(start, batch).item() == pytest.approx(expected, rel=1e-4)
     # eta 1 guides the target further away: (1 + eta)^2 times the distance at the starting weights.
     away = make_gift(world_model, config.model_copy(update={"negative_guidance": 1.0}), tmp_path)
-    assert away.anchor_loss(start, batch).item() == pytest.approx(4 * expected, rel=1e-4)
+    assert away.anchor.loss(start, batch).item() == pytest.approx(4 * expected, rel=1e-4)
     # Off by default, and refused for a method that does not read it.
     assert make_gift(world_model, gift_config(), tmp_path / "off").anchor is None
     with pytest.raises(ValueError, match="anchor_weight is read by gift"):
@@ -377,17 +378,17 @@ def test_the_anchor_pulls_the_target_prompt_to_the_erasure_target_where_the_samp
         probe = make_gift(
             load_model(model_dir), config.model_copy(update={"anchor_weight": 1.0}), tmp_path / "p"
         )
-        pool = probe.anchor  # every recorded state
+        pool = probe.anchor.pool  # every recorded state
         batch = Batch(pool.x0, pool.prompts, timesteps=pool.timesteps, noisy=True)
         trained = load_model(run.out_dir).named_parameters()
-        distance[weight] = probe.anchor_loss({n: trained[n] for n in probe.theta_names}, batch).item()
+        distance[weight] = probe.anchor.loss({n: trained[n] for n in probe.theta_names}, batch).item()
     assert distance[50.0] < 0.5 * distance[0.0], distance
 
 
 def test_anchor_refresh_re_records_the_states_from_the_trained_weights(world_model, tmp_path):
     config = gift_config(anchor_weight=1.0, anchor_refresh=3, retain_sampler_steps=4)
     method = make_gift(world_model, config, tmp_path)
-    start = method.anchor.x0.clone()
+    start = method.anchor.pool.x0.clone()
     assert set(method.inner_state()) == {ANCHOR_STATES}
     theta = released(method)
     moved = {
@@ -395,17 +396,17 @@ def test_anchor_refresh_re_records_the_states_from_the_trained_weights(world_mod
         for n, v in theta.items()
     }
     params = {**moved, INNER_PREFIX + ANCHOR_STATES: start.clone()}
-    method.refresh_anchor(params, 4)  # between refreshes: the carried states stay
-    assert torch.equal(method.anchor.x0, start)
-    method.refresh_anchor(params, 3)
-    count = len(method.anchor_prompts)
+    method.anchor.refresh(params, 4, moved)  # between refreshes: the carried states stay
+    assert torch.equal(method.anchor.pool.x0, start)
+    method.anchor.refresh(params, 3, moved)
+    count = len(method.anchor.prompts)
     seeds = [RETAIN_STATE_SEED + count + i for i in range(count)]
-    expected, _ = record_sampler_states(world_model, method.anchor_prompts, seeds, 4, 4.0, params=moved)
-    assert torch.equal(method.anchor.x0, expected.to(start))
-    assert torch.equal(params[INNER_PREFIX + ANCHOR_STATES], method.anchor.x0)
+    expected, _ = record_sampler_states(world_model, method.anchor.prompts, seeds, 4, 4.0, params=moved)
+    assert torch.equal(method.anchor.pool.x0, expected.to(start))
+    assert torch.equal(params[INNER_PREFIX + ANCHOR_STATES], method.anchor.pool.x0)
     # The same noise under the starting weights gives other states: the trained model's sampler is read.
-    unmoved, _ = record_sampler_states(world_model, method.anchor_prompts, seeds, 4, 4.0)
-    assert not torch.allclose(unmoved.to(start), method.anchor.x0, atol=1e-3)
+    unmoved, _ = record_sampler_states(world_model, method.anchor.prompts, seeds, 4, 4.0)
+    assert not torch.allclose(unmoved.to(start), method.anchor.pool.x0, atol=1e-3)
     # Off without the anchor, and carried nothing when not refreshing.
     assert make_gift(world_model, gift_config(anchor_weight=1.0), tmp_path / "fixed").inner_state() == {}
     with pytest.raises(ValueError, match="set anchor_weight"):

@@ -388,3 +388,51 @@ def test_cli_immunize_resalign_writes_a_delta(fast_world, tmp_path):
     manifest = json.loads((out / "delta" / "manifest.json").read_text())
     assert manifest["method"] == "resalign"
     assert load_model(out).named_parameters()
+
+
+def test_the_anchor_adds_esd_at_the_sampler_states_to_the_direct_terms(world_model, tmp_path):
+    weight = 3.0
+    method, params = _method(
+        world_model,
+        tmp_path,
+        relearn_weight=0.0,
+        concepts=["world:shape=star"],
+        anchor_weight=weight,
+        retain_sampler_steps=3,
+    )
+    output = method.step(params, 0, torch.Generator().manual_seed(3))
+    assert output.metrics["anchor_loss"] > 0
+    generator = torch.Generator().manual_seed(3)  # the step's draws, in its order
+    lora = method.lora_state(params)
+    merged = method.merged(lora)
+    direct = method.harmful_loss(merged, method.harmful_batches(generator))
+    direct = direct + method.config.retain_weight * method.retain_loss(merged, generator)
+    anchor = method.anchor.loss(merged, method.anchor.batch(generator))
+    assert anchor.item() == pytest.approx(output.metrics["anchor_loss"])
+    own = torch.autograd.grad(anchor, list(lora.values()), retain_graph=True, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in own)
+    expected = torch.autograd.grad(direct + weight * anchor, list(lora.values()), allow_unused=True)
+    for name, grad in zip(lora, expected, strict=True):
+        if grad is not None:
+            assert torch.allclose(output.grads[f"inner.lora/{name}"], grad), name
+
+
+def test_a_killed_run_with_a_refreshed_anchor_resumes_to_the_same_delta(fast_world, tmp_path):
+    model_dir = fast_world[1].model_dir
+    config = _resalign_config(
+        concepts=["world:shape=star"], steps=4, anchor_weight=2.0, anchor_refresh=2, retain_sampler_steps=3
+    )
+    world = model_world(load_model(model_dir))
+
+    def run(steps, folder):
+        short = config.model_copy(update={"steps": steps})
+        return immunize(load_model(model_dir), short, tmp_path / folder, progress=False, world=world)
+
+    straight = run(4, "straight")
+    run(3, "killed")  # killed between the refreshes at steps 2 and 4: the refreshed states must carry
+    resumed = run(4, "killed")
+    a = load_model(straight.out_dir).named_parameters()
+    b = load_model(resumed.out_dir).named_parameters()
+    assert straight.changed
+    for name in straight.changed:
+        assert torch.equal(a[name], b[name]), name

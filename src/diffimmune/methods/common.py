@@ -28,12 +28,12 @@ from torch import Tensor
 from diffimmune.adapters.base import AdapterConfig, make_adapter
 from diffimmune.attacks.presets import WORLD_ATTACK_SETTINGS
 from diffimmune.config import StrictModel, TrainConfig, load_config
-from diffimmune.core.objective import Batch, guided, noisy_inputs
+from diffimmune.core.objective import Batch, esd_target, guided, noisy_inputs
 from diffimmune.data.sources import load_concept_data, parse_filter
 from diffimmune.errors import DiffImmuneError
 from diffimmune.files import ensure_writable_folder, replace_other_run, write_json_atomic
 from diffimmune.models.diffusion_model import RUN_DELTA
-from diffimmune.models.params import SELECTIONS, select_parameters
+from diffimmune.models.params import SELECTIONS, select_parameters, selection_names
 
 if TYPE_CHECKING:
     from diffimmune.core.projection import RetainProjection
@@ -74,13 +74,13 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "merge_others": ("mima", "compose"),
     "outer_models": ("mima", "compose"),
     "esd_variant": ("esd",),
-    "negative_guidance": ("esd", "resalign", "gift"),  # ResAlign: its harmful_loss esd; GIFT: its anchor
+    "negative_guidance": ("esd", "resalign", "gift"),  # ResAlign: harmful_loss esd; both: the anchor
     "beta": ("gift",),
     "noise_layers": ("gift",),
     "mmd_bandwidths": ("gift",),
-    "anchor_weight": ("gift",),
-    "anchor_refresh": ("gift",),
-    "anchor_selection": ("gift",),
+    "anchor_weight": ("gift", "resalign"),
+    "anchor_refresh": ("gift", "resalign"),
+    "anchor_selection": ("gift", "resalign"),
     **dict.fromkeys(_RESALIGN_FIELDS, ("resalign",)),
 }
 
@@ -279,19 +279,19 @@ class ImmunizeConfig(StrictModel):
     anchor_weight: float = Field(
         default=0.0,
         ge=0,
-        description="GIFT: weight of ESD's erasure loss at the states the starting model's own sampler visits "
+        description="GIFT, ResAlign: weight of ESD's erasure loss at the states the starting model's sampler visits "
         "for the target prompts: the target prompt's prediction is pulled to the starting model's "
         "prediction there guided away from the target (by negative_guidance); 0: off",
     )
     anchor_refresh: int = Field(
         default=0,
         ge=0,
-        description="GIFT: every this many steps, re-record the anchor's states from the model being "
+        description="GIFT, ResAlign: every this many steps, re-record the anchor's states from the model being "
         "trained (fresh noise each time), as ESD samples them; 0: keep the starting model's states",
     )
     anchor_selection: str | None = Field(
         default=None,
-        description="GIFT: the trained tensors the anchor's gradient reaches (a parameter selection such as "
+        description="GIFT, ResAlign: the trained tensors the anchor's gradient reaches (a parameter selection such as "
         "xattn, ESD-x's); unset: every trained tensor",
     )
     noise_layers: list[str] = Field(
@@ -315,12 +315,10 @@ class ImmunizeConfig(StrictModel):
             raise ValueError(
                 "negative_guidance is GIFT's anchor eta and the anchor is off: set anchor_weight"
             )
-        if self.method == "gift" and self.anchor_weight == 0 and self.anchor_refresh:
-            raise ValueError(
-                "anchor_refresh re-records GIFT's anchor and the anchor is off: set anchor_weight"
-            )
-        if self.method == "gift" and self.anchor_weight == 0 and self.anchor_selection is not None:
-            raise ValueError("anchor_selection limits GIFT's anchor and the anchor is off: set anchor_weight")
+        if self.anchor_weight == 0 and self.anchor_refresh:
+            raise ValueError("anchor_refresh re-records the anchor and the anchor is off: set anchor_weight")
+        if self.anchor_weight == 0 and self.anchor_selection is not None:
+            raise ValueError("anchor_selection limits the anchor and the anchor is off: set anchor_weight")
         if self.anchor_selection is not None and self.anchor_selection not in SELECTIONS:
             raise ValueError(
                 f"anchor_selection '{self.anchor_selection}' is not a parameter selection; "
@@ -667,6 +665,81 @@ def sampler_states(
     expanded = [p for p in prompts for _ in range(per_prompt)]
     states = tensors["states"].to(model.device, model.dtype)
     return ConceptSamples(name, "", states, expanded, timesteps=tensors["timesteps"].to(model.device))
+
+
+ANCHOR_STATES = "anchor_states"
+
+
+class SamplerAnchor:
+    """ESD's erasure loss at the states the guided sampler visits for the target prompts, an extra term
+    of GIFT's and ResAlign's objectives (`anchor_weight`, a diffimmune extension): the target prompt's
+    prediction there is pulled to the starting model's guided away from the target,
+    eps0(x, "") - negative_guidance (eps0(x, c) - eps0(x, "")).
+
+    The states are the starting model's trajectories of the target prompts (`retain_sampler_steps` DDIM
+    steps at `retain_guidance_scale`, one per prompt, kept in `anchor_states.safetensors`); with
+    `anchor_refresh: N` they are re-recorded every N steps from the weights being trained, from fresh noise
+    (ESD samples them with the model it trains), and carried as inner state so a resumed run reads the
+    ones the first had. `anchor_selection` limits the trained tensors its gradient reaches."""
+
+    def __init__(self, model, config: ImmunizeConfig, concepts, trained: list[str], out_dir: Path):
+        self.model, self.config = model, config
+        self.prompts = [prompt for concept in concepts for prompt in concept.prompts]
+        self.pool = sampler_states(
+            model, "anchor", self.prompts, config, out_dir / "anchor_states.safetensors"
+        )
+        with torch.no_grad():
+            self.empty = model.encode_prompts([""])
+        self.names = set(trained)
+        if config.anchor_selection is not None:
+            self.names = set(selection_names(config.anchor_selection, trained))
+            if not self.names:
+                raise DiffImmuneError(
+                    f"anchor_selection {config.anchor_selection} picks none of the trained tensors "
+                    f"(selection {config.resolved('selection')}): choose a selection inside it, such as xattn"
+                )
+
+    def inner_state(self) -> dict[str, Tensor]:
+        """With `anchor_refresh`, the current states (carried in the checkpoints)."""
+        return {ANCHOR_STATES: self.pool.x0} if self.config.anchor_refresh else {}
+
+    def refresh(self, params: dict[str, Tensor], step: int, weights: dict[str, Tensor]) -> None:
+        """Every `anchor_refresh` steps, the states become those the sampler of the model with `weights`
+        in place visits for the target prompts, from fresh noise (seeds move on per refresh); in between,
+        and on resume, the carried states (`params`' inner state)."""
+        every = self.config.anchor_refresh
+        if not every:
+            return
+        carried = params[INNER_PREFIX + ANCHOR_STATES]
+        if step > 0 and step % every == 0:
+            count = len(self.prompts)
+            seeds = [RETAIN_STATE_SEED + (step // every) * count + i for i in range(count)]
+            states, _ = record_sampler_states(
+                self.model,
+                self.prompts,
+                seeds,
+                self.config.retain_sampler_steps,
+                self.config.retain_guidance_scale,
+                params={n: v.detach() for n, v in weights.items()},
+            )
+            with torch.no_grad():
+                carried.copy_(states.to(carried))
+        self.pool.x0 = carried.detach()
+
+    def batch(self, generator: torch.Generator) -> Batch:
+        return self.pool.batch(self.config.batch_size, generator, None, 0.0)
+
+    def loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
+        """The distance between the target prompt's prediction under `params` and the erasure target at
+        the states of `batch`; only the tensors of `anchor_selection` carry its gradient."""
+        model = self.model
+        params = {n: v if n in self.names else v.detach() for n, v in params.items()}
+        x_t, timesteps = batch.x0, batch.timesteps
+        with torch.no_grad():
+            condition = model.encode_prompts(batch.prompts)
+        target = esd_target(model, x_t, timesteps, condition, self.empty, self.config.negative_guidance)
+        prediction = model.denoise(params, x_t, timesteps, model.encode_prompts(batch.prompts, params))
+        return (prediction.float() - target.float()).pow(2).mean()
 
 
 class Context:

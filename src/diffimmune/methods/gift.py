@@ -74,24 +74,17 @@ from diffimmune.core.objective import (
     batch_losses,
     diffusion_loss,
     distillation_loss,
-    esd_target,
     sample_noise_and_timesteps,
     with_null_prompts,
 )
 from diffimmune.core.train import StepOutput
 from diffimmune.errors import DiffImmuneError
 from diffimmune.methods.common import (
-    INNER_PREFIX,
-    RETAIN_STATE_SEED,
     Context,
     Method,
-    record_sampler_states,
-    sampler_states,
+    SamplerAnchor,
     theta_of,
 )
-from diffimmune.models.params import selection_names
-
-ANCHOR_STATES = "anchor_states"
 
 
 class GIFT(Method):
@@ -114,55 +107,15 @@ class GIFT(Method):
                     f"noise_layers: {error}; set noise_layers to module-name patterns of the denoiser "
                     "(for a UNet: down_blocks.*, mid_block, up_blocks.*)"
                 ) from None
-        # `anchor_weight`: the states the starting model's sampler visits for the target prompts.
+        # `anchor_weight`: ESD's loss at the sampler's states for the target prompts.
         self.anchor = None
         if self.config.anchor_weight > 0:
-            self.anchor_prompts = [prompt for concept in context.concepts for prompt in concept.prompts]
-            self.anchor = sampler_states(
-                self.model,
-                "anchor",
-                self.anchor_prompts,
-                self.config,
-                context.out_dir / "anchor_states.safetensors",
+            self.anchor = SamplerAnchor(
+                self.model, self.config, context.concepts, self.theta_names, context.out_dir
             )
-            with torch.no_grad():
-                self.empty = self.model.encode_prompts([""])
-            self.anchor_names = set(self.theta_names)
-            if self.config.anchor_selection is not None:
-                self.anchor_names = set(selection_names(self.config.anchor_selection, self.theta_names))
-                if not self.anchor_names:
-                    raise DiffImmuneError(
-                        f"anchor_selection {self.config.anchor_selection} picks none of the trained tensors "
-                        f"(selection {self.selection}): choose a selection inside it, such as xattn"
-                    )
 
     def inner_state(self) -> dict[str, Tensor]:
-        """With `anchor_refresh`, the anchor's current states (re-recorded during the run, so a resumed
-        run continues from the states the first had)."""
-        if self.anchor is None or not self.config.anchor_refresh:
-            return {}
-        return {ANCHOR_STATES: self.anchor.x0}
-
-    def refresh_anchor(self, params: dict[str, Tensor], step: int) -> None:
-        """Every `anchor_refresh` steps, the anchor's states become those the trained model's own sampler
-        visits for the target prompts (ESD's states), from fresh noise (seeds move on per refresh); in
-        between, and on resume, the carried states."""
-        carried = params[INNER_PREFIX + ANCHOR_STATES]
-        every = self.config.anchor_refresh
-        if step > 0 and step % every == 0:
-            count = len(self.anchor_prompts)
-            seeds = [RETAIN_STATE_SEED + (step // every) * count + i for i in range(count)]
-            states, _ = record_sampler_states(
-                self.model,
-                self.anchor_prompts,
-                seeds,
-                self.config.retain_sampler_steps,
-                self.config.retain_guidance_scale,
-                params=theta_of(params, self.theta_names),
-            )
-            with torch.no_grad():
-                carried.copy_(states.to(carried))
-        self.anchor.x0 = carried.detach()
+        return self.anchor.inner_state() if self.anchor is not None else {}
 
     # -- the two levels
     def safe_batch(self, generator: torch.Generator) -> Batch:
@@ -245,18 +198,6 @@ class GIFT(Method):
             total = total + 0.0 * next(iter(params.values())).sum()
         return total
 
-    def anchor_loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
-        """ESD's loss at the recorded target-prompt sampler states of `batch`: the distance between the
-        target prompt's prediction under `params` and the starting model's prediction there guided away
-        from it, eps0(x, "") - eta (eps0(x, c) - eps0(x, ""))."""
-        model = self.model
-        x_t, timesteps = batch.x0, batch.timesteps
-        with torch.no_grad():
-            condition = model.encode_prompts(batch.prompts)
-        target = esd_target(model, x_t, timesteps, condition, self.empty, self.config.negative_guidance)
-        prediction = model.denoise(params, x_t, timesteps, model.encode_prompts(batch.prompts, params))
-        return (prediction.float() - target.float()).pow(2).mean()
-
     # -- one outer step
     def step(self, params: dict[str, Tensor], step: int, generator: torch.Generator):
         theta = theta_of(params, self.theta_names)
@@ -277,9 +218,8 @@ class GIFT(Method):
         retain_batch = _fixed_draws(self.model, self.safe_batch(generator), generator) if weight > 0 else None
         anchor_batch = None
         if self.anchor is not None:
-            if self.config.anchor_refresh:
-                self.refresh_anchor(params, step)
-            anchor_batch = self.anchor.batch(self.config.batch_size, generator, None, 0.0)
+            self.anchor.refresh(params, step, theta)
+            anchor_batch = self.anchor.batch(generator)
         with torch.no_grad():
             safe_before = self.safe_loss(theta, safe_batches[0]).item()
         record: dict[str, float] = {}
@@ -292,8 +232,7 @@ class GIFT(Method):
                 record["retain_loss"] = kept.item()
                 total = total + weight * kept
             if anchor_batch is not None:
-                reached = {n: v if n in self.anchor_names else v.detach() for n, v in values.items()}
-                held = self.anchor_loss(reached, anchor_batch)
+                held = self.anchor.loss(values, anchor_batch)
                 record["anchor_loss"] = held.item()
                 total = total + self.config.anchor_weight * held
             return total

@@ -26,6 +26,11 @@ Downstream Fine-tuning", NeurIPS 2025): unlearn so that the harm stays low *afte
 
 With `relearn_weight` (lambda) 0 no fine-tune is simulated: plain unlearning (the ablation).
 
+`anchor_weight` (default 0, the paper) adds ESD's erasure loss at the states the guided sampler visits for
+the target prompts (`SamplerAnchor`, shared with GIFT; `anchor_refresh` re-records them from the merged
+weights during the run) to the direct terms: a diffimmune extension. L_h reads the denoiser on noised
+target *images*; what the sampler draws for the target prompt from pure noise is governed by nothing else.
+
 Unlike the official code, each simulated fine-tune gets a fresh optimizer state, Adam's bias correction
 is applied once, and an error is raised, never turned into a zero loss. A Richardson solve that keeps
 diverging falls back to the first-order gradient *loudly*: a warning line and the step's metrics
@@ -68,7 +73,14 @@ from diffimmune.core.objective import (
 from diffimmune.core.projection import RetainProjection
 from diffimmune.core.train import StepOutput, step_seed
 from diffimmune.errors import DiffImmuneError
-from diffimmune.methods.common import INNER_PREFIX, ConceptSamples, Context, ImmunizeConfig, Method
+from diffimmune.methods.common import (
+    INNER_PREFIX,
+    ConceptSamples,
+    Context,
+    ImmunizeConfig,
+    Method,
+    SamplerAnchor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -272,10 +284,16 @@ class ResAlign(Method):
         if config.harmful_loss == "esd":
             with torch.no_grad():
                 self.empty = self.model.encode_prompts([""])
+        self.anchor = None
+        if config.anchor_weight > 0:
+            self.anchor = SamplerAnchor(
+                self.model, config, context.concepts, self.theta_names, context.out_dir
+            )
 
     def inner_state(self) -> dict[str, Tensor]:
         lora = self.lora.init_state(self.model, self.original)
-        return {**{LORA_PREFIX + k: v for k, v in lora.items()}, FALLBACK_COUNT: torch.zeros(1)}
+        anchor = self.anchor.inner_state() if self.anchor is not None else {}
+        return {**{LORA_PREFIX + k: v for k, v in lora.items()}, FALLBACK_COUNT: torch.zeros(1), **anchor}
 
     def merged(self, lora_state: Params) -> Params:
         """W0 + B A for every released tensor (differentiable in the LoRA state)."""
@@ -456,6 +474,13 @@ class ResAlign(Method):
             retain_value = retain.item()
             metrics["retain_loss"] = retain_value
             direct = direct + config.retain_weight * retain
+        anchor_value = 0.0
+        if self.anchor is not None:  # drawn after the retain batch: runs without it keep their stream
+            self.anchor.refresh(params, step, merged)
+            anchor = self.anchor.loss(merged, self.anchor.batch(generator))
+            anchor_value = anchor.item()
+            metrics["anchor_loss"] = anchor_value
+            direct = direct + config.anchor_weight * anchor
         grads = list(torch.autograd.grad(direct, leaves, allow_unused=True))
         after = []
         if relearn > 0:
@@ -500,6 +525,7 @@ class ResAlign(Method):
                     params[INNER_PREFIX + FALLBACK_COUNT] += metrics["richardson_fallbacks"]
                 metrics[FALLBACK_COUNT] = params[INNER_PREFIX + FALLBACK_COUNT].item()
         loss = (1 - relearn) * harmful.item() + config.retain_weight * retain_value
+        loss += config.anchor_weight * anchor_value
         if after:
             loss += relearn * sum(after) / len(after)
         names = list(lora)
