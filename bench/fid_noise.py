@@ -7,10 +7,9 @@ and spread over draws, and its change against the erased model under the same se
 between two defences smaller than the spread over draws is not one the evaluation can see.
 
 The last columns pool every draw: one FID of all the draws' generations (draws x 128) against as many
-real images of the kept shapes (the evaluation's 16 per shape and more from the same world). FID from
-few samples is biased upwards by an amount that depends on the sample size and the features' spread;
-the pooled FID has a quarter of the evaluation's bias at four draws, and so says more precisely how far a
-defence moved the kept shapes than the mean of the per-draw values does.
+real images of the kept shapes (drawn from the same world). FID from few samples is biased upwards, by
+an amount that shrinks with the sample size (about as 1/N) and depends on each model's feature spread;
+the pooled FID, from four times the samples at four draws, carries less of it than the per-draw values.
 
     python bench/fid_noise.py runs/immunization-ii-unet --models gift_unet_b1_r20_m1_u --draws 3
 """
