@@ -55,6 +55,34 @@ def world_model(fast_world):
     return DiffusionModel.from_pretrained(fast_world[1].model_dir, device="cpu")
 
 
+@pytest.fixture
+def assert_resumes_exactly(fast_world, tmp_path):
+    """A check that an immunization on the fast world killed after `killed_at` steps and run again ends
+    with exactly the delta of an unbroken run of the same config."""
+    from diffimmune.data.sources import model_world
+    from diffimmune.methods.common import immunize
+    from diffimmune.models.diffusion_model import load_model
+
+    model_dir = fast_world[1].model_dir
+    world = model_world(load_model(model_dir))
+
+    def check(config, killed_at: int) -> None:
+        def run(steps, folder):
+            short = config.model_copy(update={"steps": steps})
+            return immunize(load_model(model_dir), short, tmp_path / folder, progress=False, world=world)
+
+        straight = run(config.steps, "straight")
+        run(killed_at, "killed")  # its checkpoint holds the weights, the optimiser and the inner state
+        resumed = run(config.steps, "killed")
+        a = load_model(straight.out_dir).named_parameters()
+        b = load_model(resumed.out_dir).named_parameters()
+        assert straight.changed
+        for name in straight.changed:
+            assert torch.equal(a[name], b[name]), name
+
+    return check
+
+
 # Tiny random CLIP and DINOv2 checkpoints (the real ones cannot be downloaded here).
 PROJECTION_DIM = 16
 HIDDEN = 32

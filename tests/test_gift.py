@@ -214,25 +214,12 @@ def test_same_config_and_seed_give_the_same_delta(fast_world, tmp_path):
 
 
 @pytest.mark.parametrize("anchor", [False, True])
-def test_a_killed_run_resumes_to_the_same_delta(fast_world, tmp_path, anchor):
-    model_dir = fast_world[1].model_dir
-    config = gift_config(steps=4)
+def test_a_killed_run_resumes_to_the_same_delta(assert_resumes_exactly, anchor):
     if anchor:  # killed after step 3, between the refreshes at steps 2 and 4: the refreshed states carry
         config = gift_config(steps=4, anchor_weight=5.0, anchor_refresh=2, retain_sampler_steps=3)
-    world = model_world(load_model(model_dir))
-
-    def run(steps, folder):
-        short = config.model_copy(update={"steps": steps})
-        return immunize(load_model(model_dir), short, tmp_path / folder, progress=False, world=world)
-
-    straight = run(4, "straight")
-    run(3 if anchor else 2, "killed")  # its checkpoint holds the weights and the optimiser state
-    resumed = run(4, "killed")
-    a = load_model(straight.out_dir).named_parameters()
-    b = load_model(resumed.out_dir).named_parameters()
-    assert straight.changed
-    for name in straight.changed:
-        assert torch.equal(a[name], b[name]), name
+        assert_resumes_exactly(config, killed_at=3)
+    else:
+        assert_resumes_exactly(gift_config(steps=4), killed_at=2)
 
 
 def test_a_noise_layer_pattern_matching_no_module_is_an_error_naming_the_field(world_model, tmp_path):

@@ -417,22 +417,8 @@ def test_the_anchor_adds_esd_at_the_sampler_states_to_the_direct_terms(world_mod
             assert torch.allclose(output.grads[f"inner.lora/{name}"], grad), name
 
 
-def test_a_killed_run_with_a_refreshed_anchor_resumes_to_the_same_delta(fast_world, tmp_path):
-    model_dir = fast_world[1].model_dir
+def test_a_killed_run_with_a_refreshed_anchor_resumes_to_the_same_delta(assert_resumes_exactly):
     config = _resalign_config(
         concepts=["world:shape=star"], steps=4, anchor_weight=2.0, anchor_refresh=2, retain_sampler_steps=3
     )
-    world = model_world(load_model(model_dir))
-
-    def run(steps, folder):
-        short = config.model_copy(update={"steps": steps})
-        return immunize(load_model(model_dir), short, tmp_path / folder, progress=False, world=world)
-
-    straight = run(4, "straight")
-    run(3, "killed")  # killed between the refreshes at steps 2 and 4: the refreshed states must carry
-    resumed = run(4, "killed")
-    a = load_model(straight.out_dir).named_parameters()
-    b = load_model(resumed.out_dir).named_parameters()
-    assert straight.changed
-    for name in straight.changed:
-        assert torch.equal(a[name], b[name]), name
+    assert_resumes_exactly(config, killed_at=3)  # between the refreshes at steps 2 and 4
