@@ -403,26 +403,9 @@ def test_a_folder_of_another_immunization_is_never_resumed_as_this_one(world_mod
 
 
 @pytest.mark.parametrize("overrides", [{}, {"inner_method": "lora", "inner_optimizer": "adam"}])
-def test_a_killed_run_resumes_to_the_same_delta(world_model, fast_world, tmp_path, overrides):
-    world = model_world(world_model)
-    model_dir = fast_world[1].model_dir
-    config = small_config("mima", steps=4, checkpoint_every=1, **overrides)
-    straight = immunize(load_model(model_dir), config, tmp_path / "straight", progress=False, world=world)
-    # The "killed" run stopped after step 2 (its checkpoint holds the weights and the adversaries' state).
-    immunize(
-        load_model(model_dir),
-        config.model_copy(update={"steps": 2}),
-        tmp_path / "killed",
-        progress=False,
-        world=world,
-    )
-    resumed = immunize(
-        load_model(model_dir), config, tmp_path / "killed", resume=True, progress=False, world=world
-    )
-    a = load_model(straight.out_dir).named_parameters()
-    b = load_model(resumed.out_dir).named_parameters()
-    for name in straight.changed:
-        assert torch.equal(a[name], b[name]), name
+def test_a_killed_run_resumes_to_the_same_delta(assert_resumes_exactly, overrides):
+    # Killed after step 2: its checkpoint holds the weights and the adversaries' state.
+    assert_resumes_exactly(small_config("mima", steps=4, checkpoint_every=1, **overrides), killed_at=2)
 
 
 def test_cli_immunize_writes_a_delta_and_an_export_that_diffusers_loads(fast_world, tmp_path):

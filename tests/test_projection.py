@@ -151,16 +151,8 @@ def test_an_immunization_under_the_projection_keeps_the_retain_data_far_better(f
     assert drifts["projected"] < 0.2 * drifts["plain"]  # ... with a fraction of the drift on retain data
 
 
-def test_a_killed_projected_run_resumes_to_the_same_delta(fast_world, tmp_path):
-    world_dir = fast_world[1].model_dir
-    config = small_imma(steps=4, checkpoint_every=1, retain_projection=0.99)
-    world = model_world(load_model(world_dir))
-    straight = immunize(load_model(world_dir), config, tmp_path / "straight", progress=False, world=world)
-    short = config.model_copy(update={"steps": 2})
-    immunize(load_model(world_dir), short, tmp_path / "killed", progress=False, world=world)
-    resumed = immunize(load_model(world_dir), config, tmp_path / "killed", progress=False, world=world)
-    a, b = load_model(straight.out_dir).named_parameters(), load_model(resumed.out_dir).named_parameters()
-    assert straight.changed and all(torch.equal(a[n], b[n]) for n in straight.changed)
+def test_a_killed_projected_run_resumes_to_the_same_delta(assert_resumes_exactly):
+    assert_resumes_exactly(small_imma(steps=4, checkpoint_every=1, retain_projection=0.99), killed_at=2)
 
 
 def test_cli_takes_retain_projection_and_refuses_bad_values(fast_world, tmp_path):
