@@ -1,15 +1,20 @@
-"""How far the evaluation's other-shapes FID moves with the sampling seeds alone.
+"""How far the evaluation's other-shapes FID moves between independent draws of the evaluation.
 
-The evaluation draws 16 generations per kept shape (128 in all) from fixed seeds and reports one FID
-against real images of them. This redraws the same prompts with other seed sets (draw 0 is the
-evaluation's own seeds, read from the run's sample cache) and prints each model's FID per draw, its mean
-and spread over draws, and its change against the erased model under the same seeds. A difference
-between two defences smaller than the spread over draws is not one the evaluation can see.
+The evaluation draws 16 generations per kept shape (128 in all) from fixed captions and seeds and reports
+one FID against the real images those captions describe. Each further draw here is another such
+evaluation: the next 16 captions of each kept shape from the same fixed stream, their real images, and
+other seeds (draw 0 is the evaluation's own, read from the run's sample cache). It prints each model's FID
+per draw, its mean and spread over draws, and its change against the erased model in the same draw. A
+difference between two defences smaller than the spread over draws is not one the evaluation can see.
 
-The last columns pool every draw: one FID of all the draws' generations (draws x 128) against as many
-real images of the kept shapes (drawn from the same world). FID from few samples is biased upwards, by
-an amount that shrinks with the sample size (about as 1/N) and depends on each model's feature spread;
+The last columns pool every draw: one FID of all the draws' generations (draws x 128) against all their
+real images, each generation paired with its real image's caption. FID from few samples is biased upwards,
+by an amount that shrinks with the sample size (about as 1/N) and depends on each model's feature spread;
 the pooled FID, from four times the samples at four draws, carries less of it than the per-draw values.
+
+`--same-prompts` keeps the evaluation's captions and real images in every draw and changes only the seeds:
+the spread then is the seeds' alone (no pooled column: the generations would repeat 16 captions per shape
+against 16 real images).
 
     python bench/fid_noise.py runs/immunization-ii-unet --models gift_unet_b1_r20_m1_u --draws 3
 """
@@ -34,21 +39,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--models", default=None, help="comma-separated defence names (default: all)")
-    parser.add_argument("--draws", type=int, default=3, help="seed sets (the first is the evaluation's)")
+    parser.add_argument("--draws", type=int, default=3, help="draws (the first is the evaluation's own)")
+    parser.add_argument(
+        "--same-prompts",
+        action="store_true",
+        help="every draw keeps the evaluation's captions; only seeds change",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     kept = kept_shapes(args.run, args.models)
     settings, sources, world, others = kept.settings, kept.sources, kept.world, kept.others
     features = FeatureExtractor(WorldEncoder(kept.classifier, normalize=False).encode_images)
-    plans = [concept_prompts(world, "shape", shape, None, "sks", settings.samples) for shape in others]
-    real = torch.cat([data.images for _, data in plans])
-    pooled_real = torch.cat(
-        [
-            concept_prompts(world, "shape", shape, None, "sks", settings.samples * args.draws)[1].images
-            for shape in others
+    size = settings.samples
+    # Each shape's captions and real images for every draw: draw d takes the d-th slice of one fixed stream
+    # (prefix-stable, so draw 0 is the evaluation's own).
+    streams = [
+        concept_prompts(world, "shape", shape, None, "sks", size * (1 if args.same_prompts else args.draws))
+        for shape in others
+    ]
+
+    def draw_plans(draw: int):
+        start = 0 if args.same_prompts else draw * size
+        return [
+            (prompts[start : start + size], data.images[start : start + size]) for prompts, data in streams
         ]
-    )
+
+    reals = [torch.cat([images for _, images in draw_plans(draw)]) for draw in range(args.draws)]
+    pooled_real = torch.cat(reals)
 
     scores: dict[str, list[float]] = {}
     pooled: dict[str, float] = {}
@@ -60,7 +78,7 @@ def main() -> None:
         every = []
         for draw in range(args.draws):
             images = []
-            for prompts, _ in plans:
+            for prompts, _ in draw_plans(draw):
                 seeds = [(EVAL_SEED + draw) * 1000 + i for i in range(len(prompts))]
                 images.append(
                     generate_cached(
@@ -73,38 +91,51 @@ def main() -> None:
                         shared_dir=shared,
                     )
                 )
-            scores[name].append(fid_kid(real, torch.cat(images), features)["fid"])
+            scores[name].append(fid_kid(reals[draw], torch.cat(images), features)["fid"])
             every.extend(images)
-        pooled[name] = fid_kid(pooled_real, torch.cat(every), features)["fid"]
         values = ", ".join(f"{v:.1f}" for v in scores[name])
-        print(f"{name}: {values}; pooled {pooled[name]:.1f}", flush=True)
+        if not args.same_prompts:
+            pooled[name] = fid_kid(pooled_real, torch.cat(every), features)["fid"]
+            values += f"; pooled {pooled[name]:.1f}"
+        print(f"{name}: {values}", flush=True)
 
     erased = scores.get("erased")
-    print(
-        f"\nFID of the other shapes ({len(real)} generations per draw), draw 0 = the evaluation's seeds; "
-        f"pooled: all {len(real) * args.draws} generations against {len(pooled_real)} real images"
+    spread_of = (
+        "seeds only, the evaluation's captions" if args.same_prompts else "captions, real images and seeds"
     )
+    print(
+        f"\nFID of the other shapes ({len(reals[0])} generations per draw; draws differ in {spread_of}), "
+        "draw 0 = the evaluation's own"
+        + (
+            ""
+            if args.same_prompts
+            else f"; pooled: all {len(pooled_real)} generations against their real images"
+        )
+    )
+    pooled_header = "" if args.same_prompts else " pooled | pooled change |"
     print(
         "| model | "
         + " | ".join(f"draw {d}" for d in range(args.draws))
-        + " | mean | sd | change vs erased per draw | pooled | pooled change |"
+        + " | mean | sd | change vs erased per draw | mean change |"
+        + pooled_header
     )
-    print("|---|" + "---|" * (args.draws + 5))
+    print("|---|" + "---|" * (args.draws + 4 + (0 if args.same_prompts else 2)))
     for name, values in scores.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        change = (
-            "-"
-            if erased is None or name == "erased"
-            else " / ".join(f"{v / e - 1:+.0%}" for v, e in zip(values, erased, strict=True))
-        )
+        mean = statistics.mean(values)
+        if erased is None or name == "erased":
+            change = mean_change = "-"
+        else:
+            change = " / ".join(f"{v / e - 1:+.0%}" for v, e in zip(values, erased, strict=True))
+            mean_change = f"{statistics.mean(v / e - 1 for v, e in zip(values, erased, strict=True)):+.0%}"
         cells = " | ".join(f"{v:.1f}" for v in values)
-        together = (
-            "-" if erased is None or name == "erased" else f"{pooled[name] / pooled['erased'] - 1:+.0%}"
-        )
-        print(
-            f"| {name} | {cells} | {statistics.mean(values):.1f} | {spread:.1f} | {change} "
-            f"| {pooled[name]:.1f} | {together} |"
-        )
+        row = f"| {name} | {cells} | {mean:.1f} | {spread:.1f} | {change} | {mean_change} |"
+        if not args.same_prompts:
+            together = (
+                "-" if erased is None or name == "erased" else f"{pooled[name] / pooled['erased'] - 1:+.0%}"
+            )
+            row += f" {pooled[name]:.1f} | {together} |"
+        print(row)
 
 
 if __name__ == "__main__":
