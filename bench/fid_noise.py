@@ -127,12 +127,12 @@ def main() -> None:
             change = mean_change = "-"
         else:
             change = " / ".join(f"{v / e - 1:+.0%}" for v, e in zip(values, erased, strict=True))
-            mean_change = f"{statistics.mean(v / e - 1 for v, e in zip(values, erased, strict=True)):+.0%}"
+            mean_change = f"{statistics.mean(v / e - 1 for v, e in zip(values, erased, strict=True)):+.1%}"
         cells = " | ".join(f"{v:.1f}" for v in values)
         row = f"| {name} | {cells} | {mean:.1f} | {spread:.1f} | {change} | {mean_change} |"
         if not args.same_prompts:
             together = (
-                "-" if erased is None or name == "erased" else f"{pooled[name] / pooled['erased'] - 1:+.0%}"
+                "-" if erased is None or name == "erased" else f"{pooled[name] / pooled['erased'] - 1:+.1%}"
             )
             row += f" {pooled[name]:.1f} | {together} |"
         print(row)
