@@ -112,28 +112,27 @@ def main() -> None:
             else f"; pooled: all {len(pooled_real)} generations against their real images"
         )
     )
-    pooled_header = "" if args.same_prompts else " pooled | pooled change |"
+    with_pooled = not args.same_prompts
     print(
         "| model | "
         + " | ".join(f"draw {d}" for d in range(args.draws))
         + " | mean | sd | change vs erased per draw | mean change |"
-        + pooled_header
+        + (" pooled | pooled change |" if with_pooled else "")
     )
-    print("|---|" + "---|" * (args.draws + 4 + (0 if args.same_prompts else 2)))
+    print("|---|" + "---|" * (args.draws + 4 + (2 if with_pooled else 0)))
     for name, values in scores.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         mean = statistics.mean(values)
-        if erased is None or name == "erased":
-            change = mean_change = "-"
-        else:
-            change = " / ".join(f"{v / e - 1:+.0%}" for v, e in zip(values, erased, strict=True))
-            mean_change = f"{statistics.mean(v / e - 1 for v, e in zip(values, erased, strict=True)):+.1%}"
+        change = mean_change = together = "-"
+        if erased is not None and name != "erased":
+            ratios = [v / e - 1 for v, e in zip(values, erased, strict=True)]
+            change = " / ".join(f"{r:+.0%}" for r in ratios)
+            mean_change = f"{statistics.mean(ratios):+.1%}"
+            if with_pooled:
+                together = f"{pooled[name] / pooled['erased'] - 1:+.1%}"
         cells = " | ".join(f"{v:.1f}" for v in values)
         row = f"| {name} | {cells} | {mean:.1f} | {spread:.1f} | {change} | {mean_change} |"
-        if not args.same_prompts:
-            together = (
-                "-" if erased is None or name == "erased" else f"{pooled[name] / pooled['erased'] - 1:+.1%}"
-            )
+        if with_pooled:
             row += f" {pooled[name]:.1f} | {together} |"
         print(row)
 
