@@ -18,6 +18,7 @@ from diffimmune.pipeline import (
     DEMO_EXPERIMENT,
     build_stages,
     evaluation_file,
+    load_experiment,
     run_experiment,
     validate_experiment,
 )
@@ -201,6 +202,46 @@ def test_run_with_a_bad_file_exits_with_one_line(tmp_path):
     assert result.exit_code == 2
     assert "attacks.a.learning_rate" in result.output
     assert "Traceback" not in result.output
+
+
+def test_run_takes_a_subset_of_the_files_defences_and_attacks(fast_world, tmp_path):
+    experiment = tiny_experiment(fast_world[1].model_dir)
+    experiment["defences"]["imma_b"] = dict(experiment["defences"]["imma"], steps=3)
+    experiment["attack_models"] = ["erased", "imma", "imma_b"]
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    args = ["run", str(path), "--out", str(tmp_path / "run"), "--dry-run"]
+    whole = runner.invoke(app, args)
+    assert whole.exit_code == 0, whole.output
+    assert "immunize  imma_b" in whole.output and "imma / lora_fast" in whole.output
+    result = runner.invoke(app, [*args, "--defences", "imma_b", "--attacks", "lora"])
+    assert result.exit_code == 0, result.output
+    assert "immunize  imma_b" in result.output and "3 training steps" in result.output
+    assert "immunize  imma " not in result.output and "imma / lora" not in result.output
+    assert "erased / lora" in result.output and "imma_b / lora" in result.output
+    assert "lora_fast" not in result.output
+    # the subset's stages are the whole file's own (same configuration, same cache keys); only the
+    # report, which reads every stage, is its own
+    plan = load_experiment(path, ["imma_b"], ["lora"])
+    assert plan.attack_models == ["erased", "imma_b"] and [a.name for a in plan.attacks] == ["lora"]
+
+    def keys(plan):
+        return {s.key for s in build_stages(plan, tmp_path / "run") if s.kind != "report"}
+
+    assert keys(plan) < keys(load_experiment(path))
+
+
+def test_run_refuses_a_name_the_file_does_not_have(fast_world, tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny_experiment(fast_world[1].model_dir)))
+    result = runner.invoke(app, ["run", str(path), "--dry-run", "--defences", "imma,gift"])
+    assert result.exit_code == 2
+    assert "'gift'" in result.output and "known: imma" in result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(DiffImmuneError, match="known: lora, lora_fast"):
+        load_experiment(path, None, ["lora2"])
+    with pytest.raises(DiffImmuneError, match="--attacks is empty"):
+        load_experiment(path, None, [])
 
 
 def test_stage_folders_are_keyed_by_the_configuration(fast_world, tmp_path):

@@ -660,11 +660,24 @@ def run(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print the stages, what is cached and what each costs")
     ] = False,
+    defences: Annotated[
+        str | None,
+        typer.Option(
+            "--defences",
+            help="only these defences of the file (comma-separated names); the erased model stays",
+        ),
+    ] = None,
+    attacks: Annotated[
+        str | None, typer.Option("--attacks", help="only these attacks of the file (comma-separated names)")
+    ] = None,
 ):
     """Run an experiment: erase -> immunize -> attack sweep -> evaluate -> report, each stage cached."""
     from diffimmune.pipeline import load_experiment
 
-    plan = load_experiment(experiment)
+    def names(value: str | None) -> list[str] | None:
+        return None if value is None else [name.strip() for name in value.split(",") if name.strip()]
+
+    plan = load_experiment(experiment, names(defences), names(attacks))
     out = out or Path("runs") / plan.experiment.name
     result = _run_plan(plan, out, dry_run)
     if result is not None:

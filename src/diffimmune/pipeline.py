@@ -145,8 +145,42 @@ class ExperimentPlan:
 
 
 # ----------------------------------------------------------------------------------------- validation
-def load_experiment(path: str | Path) -> ExperimentPlan:
-    return validate_experiment(read_config_file(path, "experiment file"), str(path))
+def load_experiment(
+    path: str | Path, defences: list[str] | None = None, attacks: list[str] | None = None
+) -> ExperimentPlan:
+    """The experiment of a file; `defences` / `attacks` keep only those of its entries (by name)."""
+    data = select_experiment(read_config_file(path, "experiment file"), defences, attacks, str(path))
+    return validate_experiment(data, str(path))
+
+
+def select_experiment(
+    data: dict, defences: list[str] | None, attacks: list[str] | None, source: str = "experiment"
+) -> dict:
+    """The experiment with only the named defences and attacks (None: all of them). The erased and base
+    models stay; `attack_models` loses the defences left out. An unknown name is an error naming the known
+    ones."""
+    data = dict(data)
+    for section, names in (("defences", defences), ("attacks", attacks)):
+        if names is None:
+            continue
+        present = data.get(section) or {}
+        if not isinstance(present, dict):
+            continue  # validation reports the section itself
+        unknown = [name for name in names if name not in present]
+        if unknown:
+            known = ", ".join(present) or "none"
+            raise DiffImmuneError(
+                f"{source}: --{section} names {', '.join(repr(n) for n in unknown)}, not in its {section} "
+                f"section; known: {known}"
+            )
+        if not names:
+            raise DiffImmuneError(f"{source}: --{section} is empty; give comma-separated names from the file")
+        data[section] = {name: present[name] for name in names}
+    chosen = data.get("attack_models")
+    if defences is not None and isinstance(chosen, list):
+        kept = data["defences"]
+        data["attack_models"] = [name for name in chosen if name in (BASE, ERASED) or name in kept]
+    return data
 
 
 def _errors_of(error: ValidationError, prefix: str) -> list[str]:
