@@ -675,7 +675,7 @@ def run(
     from diffimmune.pipeline import load_experiment
 
     def names(value: str | None) -> list[str] | None:
-        return None if value is None else [name.strip() for name in value.split(",") if name.strip()]
+        return None if value is None else split_list(value)
 
     plan = load_experiment(experiment, names(defences), names(attacks))
     out = out or Path("runs") / plan.experiment.name
