@@ -18,6 +18,10 @@ Hypergradients (`hypergradient`):
   the weights the model is finally called with (the adapted, or merged, ones), read at the names of theta;
 - `unrolled` (the papers): keep the graph of the inner steps (and of the merge) and differentiate the
   upper loss w.r.t. theta exactly, through `core.hypergrad.hypergradient`.
+
+`anchor_weight` (default 0, the papers) adds GIFT's and ResAlign's sampler anchor (`SamplerAnchor`, ESD's
+erasure loss at the states the guided sampler visits for the target prompts) on the released weights, beside
+the retain term; `anchor_refresh` re-records those states from the released weights being trained.
 """
 
 from __future__ import annotations
@@ -37,7 +41,15 @@ from diffimmune.core.objective import (
     with_null_prompts,
 )
 from diffimmune.core.train import StepOutput
-from diffimmune.methods.common import Context, Method, inner_of, store_inner, theta_of
+from diffimmune.methods.common import (
+    ANCHOR_STATES,
+    Context,
+    Method,
+    SamplerAnchor,
+    inner_of,
+    store_inner,
+    theta_of,
+)
 
 THETA = "theta:"
 # The Adam lower level's carried state, beside each branch's residual "index/name".
@@ -76,6 +88,12 @@ class BilevelMethod(Method):
         needed = {n for branch in self.branches for n in branch.base_names} | set(self.extra_base_names())
         self.frozen = {n: named[n].detach() for n in needed if n not in set(self.theta_names)}
         self.adam = self.config.inner_optimizer == "adam"
+        # `anchor_weight`: ESD's loss at the sampler's states for the target prompts, on the released weights.
+        self.anchor = None
+        if self.config.anchor_weight > 0:
+            self.anchor = SamplerAnchor(
+                self.model, self.config, context.concepts, self.theta_names, context.out_dir
+            )
 
     # -- what subclasses decide
     def make_branches(self) -> list[Branch]:
@@ -154,6 +172,8 @@ class BilevelMethod(Method):
             for prefix in ADAM_MOMENTS:
                 state |= {prefix + key: torch.zeros_like(state[key]) for key in residual_keys}
             state[ADAM_COUNT] = torch.zeros((), device=next(iter(state.values())).device)
+        if self.anchor is not None:
+            state |= self.anchor.inner_state()
         return state
 
     # -- one outer step
@@ -169,7 +189,7 @@ class BilevelMethod(Method):
     def step(self, params: dict[str, Tensor], step: int, generator: torch.Generator):
         context = self.context
         theta = theta_of(params, self.theta_names)
-        residuals = inner_of(params)
+        residuals = {k: v for k, v in inner_of(params).items() if k != ANCHOR_STATES}
         if not self.config.inner_warm_start:
             residuals = {k: torch.zeros_like(v) for k, v in residuals.items()}
         inner_batches = [
@@ -279,6 +299,15 @@ class BilevelMethod(Method):
                     grads[name] = grads[name] + self.config.retain_weight * grad
             metrics["retain_loss"] = retain_loss.item()
             loss_value += self.config.retain_weight * retain_loss.item()
+        if self.anchor is not None:  # drawn after the retain batch: runs without it keep their stream
+            self.anchor.refresh(params, step, theta)
+            held = self.anchor.loss(theta, self.anchor.batch(generator))
+            anchor_grads = torch.autograd.grad(held, [theta[n] for n in self.theta_names], allow_unused=True)
+            for name, grad in zip(self.theta_names, anchor_grads, strict=True):
+                if grad is not None:
+                    grads[name] = grads[name] + self.config.anchor_weight * grad
+            metrics["anchor_loss"] = held.item()
+            loss_value += self.config.anchor_weight * held.item()
         return StepOutput(loss=loss_value, grads=grads, metrics=metrics)
 
     def catch_up(self, z0, inner_step, inner_losses: list[Tensor], generator: torch.Generator) -> CaughtUp:

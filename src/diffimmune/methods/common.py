@@ -74,13 +74,18 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "merge_others": ("mima", "compose"),
     "outer_models": ("mima", "compose"),
     "esd_variant": ("esd",),
-    "negative_guidance": ("esd", "resalign", "gift"),  # ResAlign: harmful_loss esd; both: the anchor
+    "negative_guidance": (
+        "esd",
+        "resalign",
+        "gift",
+        *BILEVEL_METHODS,
+    ),  # ResAlign: harmful_loss esd; the anchor
     "beta": ("gift",),
     "noise_layers": ("gift",),
     "mmd_bandwidths": ("gift",),
-    "anchor_weight": ("gift", "resalign"),
-    "anchor_refresh": ("gift", "resalign"),
-    "anchor_selection": ("gift", "resalign"),
+    "anchor_weight": (*BILEVEL_METHODS, "gift", "resalign"),
+    "anchor_refresh": (*BILEVEL_METHODS, "gift", "resalign"),
+    "anchor_selection": (*BILEVEL_METHODS, "gift", "resalign"),
     **dict.fromkeys(_RESALIGN_FIELDS, ("resalign",)),
 }
 
@@ -269,7 +274,9 @@ class ImmunizeConfig(StrictModel):
         default=None, gt=0, description="stop ascending a concept's loss once it exceeds this"
     )
     negative_guidance: float = Field(
-        default=1.0, ge=0, description="ESD's eta (also ResAlign's harmful_loss esd and GIFT's anchor_weight)"
+        default=1.0,
+        ge=0,
+        description="ESD's eta (also ResAlign's harmful_loss esd and the anchor's, anchor_weight)",
     )
     esd_variant: Literal["x", "u"] = "x"
     # GIFT (methods/gift.py)
@@ -279,19 +286,19 @@ class ImmunizeConfig(StrictModel):
     anchor_weight: float = Field(
         default=0.0,
         ge=0,
-        description="GIFT, ResAlign: weight of ESD's erasure loss at the states the starting model's sampler visits "
+        description="GIFT, ResAlign, the bi-level methods: weight of ESD's erasure loss at the states the starting model's sampler visits "
         "for the target prompts: the target prompt's prediction is pulled to the starting model's "
         "prediction there guided away from the target (by negative_guidance); 0: off",
     )
     anchor_refresh: int = Field(
         default=0,
         ge=0,
-        description="GIFT, ResAlign: every this many steps, re-record the anchor's states from the model being "
+        description="GIFT, ResAlign, the bi-level methods: every this many steps, re-record the anchor's states from the model being "
         "trained (fresh noise each time), as ESD samples them; 0: keep the starting model's states",
     )
     anchor_selection: str | None = Field(
         default=None,
-        description="GIFT, ResAlign: the trained tensors the anchor's gradient reaches (a parameter selection such as "
+        description="GIFT, ResAlign, the bi-level methods: the trained tensors the anchor's gradient reaches (a parameter selection such as "
         "xattn, ESD-x's); unset: every trained tensor",
     )
     noise_layers: list[str] = Field(
@@ -311,9 +318,13 @@ class ImmunizeConfig(StrictModel):
             raise ValueError(f"mmd_bandwidths must be positive finite numbers, got {self.mmd_bandwidths}")
         if any(not pattern.strip() for pattern in self.noise_layers):
             raise ValueError("noise_layers has an empty pattern; give module names such as mid_block")
-        if self.method == "gift" and self.anchor_weight == 0 and self.negative_guidance != 1.0:
+        if (
+            self.method in ("gift", *BILEVEL_METHODS)
+            and self.anchor_weight == 0
+            and self.negative_guidance != 1.0
+        ):
             raise ValueError(
-                "negative_guidance is GIFT's anchor eta and the anchor is off: set anchor_weight"
+                f"negative_guidance is {self.method}'s anchor eta and the anchor is off: set anchor_weight"
             )
         if self.anchor_weight == 0 and self.anchor_refresh:
             raise ValueError("anchor_refresh re-records the anchor and the anchor is off: set anchor_weight")
@@ -672,7 +683,7 @@ ANCHOR_STATES = "anchor_states"
 
 class SamplerAnchor:
     """ESD's erasure loss at the states the guided sampler visits for the target prompts, an extra term
-    of GIFT's and ResAlign's objectives (`anchor_weight`, a diffimmune extension): the target prompt's
+    of GIFT's, ResAlign's and the bi-level methods' objectives (`anchor_weight`, a diffimmune extension): the target prompt's
     prediction there is pulled to the starting model's guided away from the target,
     eps0(x, "") - negative_guidance (eps0(x, c) - eps0(x, "")).
 
