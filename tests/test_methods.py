@@ -475,6 +475,18 @@ def test_cli_immunize_retain_rollout_flags_reach_the_run(fast_world, tmp_path):
     assert config["retain_rollout_steps"] == 2 and config["retain_guidance_scale"] == 3.0
 
 
+def test_cli_immunize_anchor_flags_reach_a_bilevel_run(fast_world, tmp_path):
+    flags = ["--anchor-weight", "2", "--anchor-refresh", "1", "--anchor-selection", "xattn"]
+    config = cli_one_step_imma(fast_world, tmp_path / "run", *flags)
+    assert config["anchor_weight"] == 2.0 and config["anchor_refresh"] == 1
+    assert config["anchor_selection"] == "xattn"
+    assert (tmp_path / "run" / "anchor_states.safetensors").is_file()
+    metrics = [
+        json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert metrics[-1]["anchor_loss"] > 0
+
+
 def test_cli_immunize_catch_up_flags_reach_the_run(fast_world, tmp_path):
     flags = ["--inner-method", "lora", "--max-loss", "0.5", "--inner-catch-up", "2"]
     config = cli_one_step_imma(fast_world, tmp_path / "run", *flags)
