@@ -1,6 +1,6 @@
 """The re-learning table of a pipeline run (configs/relearning-N.yaml, per-target LoRA attacks): per model,
 target detection at every saved step (mean over the per-target attacks), its maximum, the other shapes'
-detection before any attack, FID of the other shapes before any attack (world encoder) and MSGR against
+detection before any attack (left empty when the evaluation reads only some of them, `other_concepts: N`), FID of the other shapes before any attack (world encoder) and MSGR against
 the erased model at the last step. Prints the markdown rows and writes table.json beside --out.
 
     python bench/relearning_table.py runs/relearning-3 --out docs/relearning/relearning-3/table.json
@@ -114,6 +114,7 @@ def relearning_table(run: Path, attack: str = "lora") -> dict:
     series = metric_series(run)
     models = sorted({k[0] for k in series}, key=lambda m: (m != ERASED, m))
     require_attacks(run, series, [attack], targets)
+    every_other = experiment.get("evaluate", {}).get("other_concepts") is None
     table = {}
     for model in models:
         per_target = {t: series.get((model, f"{attack}-{t}", f"shape={t}", "detection")) for t in targets}
@@ -138,7 +139,8 @@ def relearning_table(run: Path, attack: str = "lora") -> dict:
             "steps": steps,
             "detection": detection,
             "max": max(detection),
-            "other_shapes": float(np.mean(others)) if others else None,
+            # with `other_concepts: N` the evaluation reads only the first N kept shapes: no retention figure
+            "other_shapes": float(np.mean(others)) if others and every_other else None,
             "fid": float(np.mean(fid)) if fid else None,
             "msgr": None,
         }
