@@ -83,6 +83,32 @@ def assert_resumes_exactly(fast_world, tmp_path):
     return check
 
 
+@pytest.fixture
+def anchor_distance(fast_world, tmp_path):
+    """How far a run's released weights leave the target prompts' predictions from ESD's erasure target, at
+    every state the starting model's sampler visits for them (the anchor's loss over its whole pool)."""
+    from diffimmune.core.objective import Batch
+    from diffimmune.data.sources import model_world
+    from diffimmune.methods.common import Context, immunize, method_registry
+    from diffimmune.models.diffusion_model import load_model
+
+    model_dir = fast_world[1].model_dir
+
+    def measure(config, folder: str) -> float:
+        model = load_model(model_dir)
+        run = immunize(model, config, tmp_path / folder, progress=False, world=model_world(model))
+        probe_model = load_model(model_dir)
+        probe_config = config.model_copy(update={"anchor_weight": 1.0, "anchor_refresh": 0})
+        context = Context(probe_model, probe_config, tmp_path / "probe", model_world(probe_model))
+        probe = method_registry()[config.method](context)
+        pool = probe.anchor.pool
+        batch = Batch(pool.x0, pool.prompts, timesteps=pool.timesteps, noisy=True)
+        trained = load_model(run.out_dir).named_parameters()
+        return probe.anchor.loss({n: trained[n] for n in probe.theta_names}, batch).item()
+
+    return measure
+
+
 # Tiny random CLIP and DINOv2 checkpoints (the real ones cannot be downloaded here).
 PROJECTION_DIM = 16
 HIDDEN = 32

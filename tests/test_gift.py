@@ -12,7 +12,6 @@ import torch
 from typer.testing import CliRunner
 
 from diffimmune.cli import app
-from diffimmune.core.objective import Batch
 from diffimmune.data.sources import model_world
 from diffimmune.errors import DiffImmuneError
 from diffimmune.methods.common import (
@@ -342,13 +341,10 @@ def test_the_anchor_pool_is_the_starting_models_sampler_on_the_target_prompts(wo
         gift_config(negative_guidance=0.0)
 
 
-def test_the_anchor_pulls_the_target_prompt_to_the_erasure_target_where_the_sampler_goes(
-    fast_world, tmp_path
-):
+def test_the_anchor_pulls_the_target_prompt_to_the_erasure_target_where_the_sampler_goes(anchor_distance):
     # GIFT's own terms (loss ascent on target images, preservation) leave the target prompt's predictions
     # at the starting model's sampler states far from ESD's erasure target; the anchor term brings them
     # measurably closer.
-    model_dir = fast_world[1].model_dir
     distance = {}
     for weight in (0.0, 50.0):
         config = gift_config(
@@ -360,15 +356,7 @@ def test_the_anchor_pulls_the_target_prompt_to_the_erasure_target_where_the_samp
             anchor_weight=weight,
             retain_sampler_steps=5,
         )
-        model = load_model(model_dir)
-        run = immunize(model, config, tmp_path / str(weight), progress=False, world=model_world(model))
-        probe = make_gift(
-            load_model(model_dir), config.model_copy(update={"anchor_weight": 1.0}), tmp_path / "p"
-        )
-        pool = probe.anchor.pool  # every recorded state
-        batch = Batch(pool.x0, pool.prompts, timesteps=pool.timesteps, noisy=True)
-        trained = load_model(run.out_dir).named_parameters()
-        distance[weight] = probe.anchor.loss({n: trained[n] for n in probe.theta_names}, batch).item()
+        distance[weight] = anchor_distance(config, str(weight))
     assert distance[50.0] < 0.5 * distance[0.0], distance
 
 
