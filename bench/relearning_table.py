@@ -1,7 +1,8 @@
 """The re-learning table of a pipeline run (configs/relearning-N.yaml, per-target LoRA attacks): per model,
 target detection at every saved step (mean over the per-target attacks), its maximum, the other shapes'
-detection before any attack (left empty when the evaluation reads only some of them, `other_concepts: N`), FID of the other shapes before any attack (world encoder) and MSGR against
-the erased model at the last step. Prints the markdown rows and writes table.json beside --out.
+detection before any attack (left empty when the evaluation reads only some of them, `other_concepts: N`),
+FID of the other shapes before any attack (world encoder) and MSGR against the erased model at the last step.
+Prints the markdown rows and writes table.json beside --out.
 
     python bench/relearning_table.py runs/relearning-3 --out docs/relearning/relearning-3/table.json
 

@@ -512,20 +512,23 @@ def immunize(
     anchor_weight: Annotated[
         float | None,
         typer.Option(
-            help="GIFT, ResAlign, IMMA, MIMA: weight of ESD's loss at the sampler's states for the target prompts (0: off)"
+            help="GIFT, ResAlign, IMMA, MIMA: weight of ESD's loss at the sampler's states for the target "
+            "prompts (0: off)"
         ),
     ] = None,
     anchor_refresh: Annotated[
         int | None,
         typer.Option(
             min=0,
-            help="GIFT, ResAlign, IMMA, MIMA: re-record the anchor's states from the trained model every N steps",
+            help="GIFT, ResAlign, IMMA, MIMA: re-record the anchor's states from the trained model every N "
+            "steps",
         ),
     ] = None,
     anchor_selection: Annotated[
         str | None,
         typer.Option(
-            help="GIFT, ResAlign, IMMA, MIMA: the trained tensors the anchor reaches (a selection such as xattn; default all)"
+            help="GIFT, ResAlign, IMMA, MIMA: the trained tensors the anchor reaches (a selection such as "
+            "xattn; default all)"
         ),
     ] = None,
     relearn_weight: Annotated[

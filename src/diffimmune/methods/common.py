@@ -74,12 +74,8 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "merge_others": ("mima", "compose"),
     "outer_models": ("mima", "compose"),
     "esd_variant": ("esd",),
-    "negative_guidance": (
-        "esd",
-        "resalign",
-        "gift",
-        *BILEVEL_METHODS,
-    ),  # ResAlign: harmful_loss esd; the anchor
+    # ResAlign: harmful_loss esd; GIFT, ResAlign and the bi-level methods: the anchor's eta
+    "negative_guidance": ("esd", "resalign", "gift", *BILEVEL_METHODS),
     "beta": ("gift",),
     "noise_layers": ("gift",),
     "mmd_bandwidths": ("gift",),
@@ -286,20 +282,21 @@ class ImmunizeConfig(StrictModel):
     anchor_weight: float = Field(
         default=0.0,
         ge=0,
-        description="GIFT, ResAlign, the bi-level methods: weight of ESD's erasure loss at the states the starting model's sampler visits "
-        "for the target prompts: the target prompt's prediction is pulled to the starting model's "
-        "prediction there guided away from the target (by negative_guidance); 0: off",
+        description="GIFT, ResAlign, the bi-level methods: weight of ESD's erasure loss at the states the "
+        "starting model's sampler visits for the target prompts: the target prompt's prediction is pulled "
+        "to the starting model's prediction there guided away from the target (by negative_guidance); 0: off",
     )
     anchor_refresh: int = Field(
         default=0,
         ge=0,
-        description="GIFT, ResAlign, the bi-level methods: every this many steps, re-record the anchor's states from the model being "
-        "trained (fresh noise each time), as ESD samples them; 0: keep the starting model's states",
+        description="GIFT, ResAlign, the bi-level methods: every this many steps, re-record the anchor's "
+        "states from the model being trained (fresh noise each time), as ESD samples them; 0: keep the "
+        "starting model's states",
     )
     anchor_selection: str | None = Field(
         default=None,
-        description="GIFT, ResAlign, the bi-level methods: the trained tensors the anchor's gradient reaches (a parameter selection such as "
-        "xattn, ESD-x's); unset: every trained tensor",
+        description="GIFT, ResAlign, the bi-level methods: the trained tensors the anchor's gradient reaches "
+        "(a parameter selection such as xattn, ESD-x's); unset: every trained tensor",
     )
     noise_layers: list[str] = Field(
         default_factory=lambda: ["down_blocks.*", "mid_block", "up_blocks.*"],
@@ -683,8 +680,8 @@ ANCHOR_STATES = "anchor_states"
 
 class SamplerAnchor:
     """ESD's erasure loss at the states the guided sampler visits for the target prompts, an extra term
-    of GIFT's, ResAlign's and the bi-level methods' objectives (`anchor_weight`, a diffimmune extension): the target prompt's
-    prediction there is pulled to the starting model's guided away from the target,
+    of GIFT's, ResAlign's and the bi-level methods' objectives (`anchor_weight`, a diffimmune extension): the
+    target prompt's prediction there is pulled to the starting model's guided away from the target,
     eps0(x, "") - negative_guidance (eps0(x, c) - eps0(x, "")).
 
     The states are the starting model's trajectories of the target prompts (`retain_sampler_steps` DDIM
