@@ -291,24 +291,25 @@ class BilevelMethod(Method):
         loss_value = -outer_value
         if self.config.retain_weight > 0 and context.retain is not None:
             retain_loss = self.retain_loss(theta, generator)
-            retain_grads = torch.autograd.grad(
-                retain_loss, [theta[n] for n in self.theta_names], allow_unused=True
-            )
-            for name, grad in zip(self.theta_names, retain_grads, strict=True):
-                if grad is not None:
-                    grads[name] = grads[name] + self.config.retain_weight * grad
-            metrics["retain_loss"] = retain_loss.item()
-            loss_value += self.config.retain_weight * retain_loss.item()
+            metrics["retain_loss"] = self.add_term(grads, theta, retain_loss, self.config.retain_weight)
+            loss_value += self.config.retain_weight * metrics["retain_loss"]
         if self.anchor is not None:  # drawn after the retain batch: runs without it keep their stream
             self.anchor.refresh(params, step, theta)
             held = self.anchor.loss(theta, self.anchor.batch(generator))
-            anchor_grads = torch.autograd.grad(held, [theta[n] for n in self.theta_names], allow_unused=True)
-            for name, grad in zip(self.theta_names, anchor_grads, strict=True):
-                if grad is not None:
-                    grads[name] = grads[name] + self.config.anchor_weight * grad
-            metrics["anchor_loss"] = held.item()
-            loss_value += self.config.anchor_weight * held.item()
+            metrics["anchor_loss"] = self.add_term(grads, theta, held, self.config.anchor_weight)
+            loss_value += self.config.anchor_weight * metrics["anchor_loss"]
         return StepOutput(loss=loss_value, grads=grads, metrics=metrics)
+
+    def add_term(
+        self, grads: dict[str, Tensor], theta: dict[str, Tensor], loss: Tensor, weight: float
+    ) -> float:
+        """Adds `weight` times the gradient of a term on the released weights (the retain loss, the anchor)
+        to `grads`, in place; returns the term's value."""
+        values = torch.autograd.grad(loss, [theta[n] for n in self.theta_names], allow_unused=True)
+        for name, grad in zip(self.theta_names, values, strict=True):
+            if grad is not None:
+                grads[name] = grads[name] + weight * grad
+        return loss.item()
 
     def catch_up(self, z0, inner_step, inner_losses: list[Tensor], generator: torch.Generator) -> CaughtUp:
         """`inner_catch_up`: up to that many extra lower-level steps without a graph (their result a
