@@ -574,6 +574,54 @@ def test_the_anchor_pulls_mimas_target_prompts_to_the_erasure_target_where_the_s
     assert distance[50.0] < 0.5 * distance[0.0], distance
 
 
+def test_the_anchor_reads_its_erasure_target_from_anchor_reference(fast_world, tmp_path):
+    # Immunizing a UCE-erased model: the erased model's own guidance for the star has lost part of its
+    # direction, so ESD's target made from it is nearer its own prediction; with anchor_reference (the model
+    # before the erasure) the target is exactly the base model's guided away from the star, farther away.
+    from pydantic import ValidationError
+
+    from diffimmune.core.objective import Batch, esd_target
+    from diffimmune.errors import DiffImmuneError
+    from diffimmune.methods.uce import UCEConfig, erase_with_uce
+
+    base_dir = fast_world[1].model_dir
+    erased = load_model(base_dir)
+    erase_with_uce(erased, UCEConfig(concepts=["star"]), tmp_path / "erased")
+    erased = load_model(tmp_path / "erased")
+    losses, anchors = {}, {}
+    for reference in (None, str(base_dir)):
+        config = small_config("imma", concepts=("star",), anchor_weight=1.0, retain_sampler_steps=3,
+                              anchor_reference=reference)  # fmt: skip
+        context = Context(erased, config, tmp_path / f"run-{reference is None}", model_world(erased))
+        method = method_registry()["imma"](context)
+        pool = method.anchor.pool
+        batch = Batch(pool.x0, pool.prompts, timesteps=pool.timesteps, noisy=True)
+        named = erased.named_parameters()
+        losses[reference] = method.anchor.loss({n: named[n] for n in method.theta_names}, batch).item()
+        anchors[reference] = (method.anchor, batch)
+    # the target is exactly the reference's ESD target at the same states
+    anchor, batch = anchors[str(base_dir)]
+    base = load_model(base_dir)
+    with torch.no_grad():
+        empty = base.encode_prompts([""])
+        target = esd_target(base, batch.x0, batch.timesteps, base.encode_prompts(batch.prompts), empty, 1.0)
+        prediction = erased.denoise(None, batch.x0, batch.timesteps, erased.encode_prompts(batch.prompts))
+    assert losses[str(base_dir)] == pytest.approx((prediction - target).pow(2).mean().item(), rel=1e-5)
+    assert losses[str(base_dir)] > 1.2 * losses[None], losses  # the base's guidance still points at the star
+    with pytest.raises(DiffImmuneError, match="base names an experiment's model"):
+        method_on("imma", erased, tmp_path / "bad", anchor_weight=1.0, anchor_reference="base")
+    with pytest.raises(
+        ValidationError, match="anchor_reference makes the anchor's target and the anchor is off"
+    ):
+        small_config("imma", anchor_reference=str(base_dir))
+
+
+def method_on(method, model, out_dir, **overrides):
+    """`method` set up on `model` for the star, as the training loop would build it."""
+    config = small_config(method, concepts=("star",), retain_sampler_steps=3, **overrides)
+    return method_registry()[method](Context(model, config, out_dir, model_world(model)))
+
+
 def test_cli_erase_esd_writes_a_loadable_run(fast_world, tmp_path):
     out = tmp_path / "esd"
     result = runner.invoke(

@@ -4,6 +4,7 @@ stage resumes to the same numbers, and `diffimmune run --dry-run` prints the pla
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from diffimmune.attacks.runner import read_attack
 from diffimmune.cli import app
 from diffimmune.errors import DiffImmuneError
-from diffimmune.eval.evaluate import target_concepts
+from diffimmune.eval.evaluate import read_metrics_csv, target_concepts
 from diffimmune.pipeline import (
     DEMO_EXPERIMENT,
     build_stages,
@@ -231,6 +232,38 @@ def test_run_takes_a_subset_of_the_files_defences_and_attacks(fast_world, tmp_pa
     assert keys(plan) < keys(load_experiment(path))
 
 
+def test_runs_of_subsets_into_one_folder_keep_every_row_done_in_its_report(fast_world, tmp_path):
+    experiment = tiny_experiment(fast_world[1].model_dir)
+    # imma_b immunizes the erased model with the anchor made from the model before the erasure ("base")
+    anchored = {"anchor_weight": 1.0, "anchor_reference": "base", "retain_sampler_steps": 2}
+    experiment["defences"]["imma_b"] = dict(experiment["defences"]["imma"], steps=1, **anchored)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    out = tmp_path / "run"
+
+    def models_in_metrics():  # (the model's stage folder, the attack) of every row of the run's metrics
+        rows = read_metrics_csv(out / "metrics.csv")
+        folders = {r["model"]: Path(r["model"]).relative_to(out.resolve()).parts[1] for r in rows}
+        return {(folders[r["model"]].rsplit("-", 1)[0], r["attack"]) for r in rows}
+
+    first = runner.invoke(
+        app, ["run", str(path), "--out", str(out), "--defences", "imma", "--attacks", "lora"]
+    )
+    assert first.exit_code == 0, first.output
+    assert models_in_metrics() == {("uce", "lora"), ("imma", "lora")}
+    second = runner.invoke(
+        app, ["run", str(path), "--out", str(out), "--defences", "imma_b", "--attacks", "lora"]
+    )
+    assert second.exit_code == 0, second.output
+    # the second subset's files keep the first's rows (done, cached); lora_fast never ran, so it is absent
+    assert models_in_metrics() == {("uce", "lora"), ("imma", "lora"), ("imma_b", "lora")}
+    assert set(json.loads((out / "experiment.json").read_text())["defences"]) == {"imma", "imma_b"}
+    (record,) = [json.loads(p.read_text()) for p in out.glob("immunize/imma_b-*/immunize.json")]
+    assert record["config"]["anchor_reference"] == str(fast_world[1].model_dir)
+    report = (out / "report.md").read_text()
+    assert "imma_b" in report and "lora_fast" not in report
+
+
 def test_run_refuses_a_name_the_file_does_not_have(fast_world, tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(tiny_experiment(fast_world[1].model_dir)))
@@ -304,6 +337,7 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
         "anchor_weight",
         "anchor_refresh",
         "anchor_selection",
+        "anchor_reference",
     )
     assert not set(added) & set(immunize_key(config))  # what runs before the fields hashed
     assert immunize_key(config) == {k: v for k, v in config.model_dump(mode="json").items() if k not in added}

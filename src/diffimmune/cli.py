@@ -531,6 +531,13 @@ def immunize(
             "xattn; default all)"
         ),
     ] = None,
+    anchor_reference: Annotated[
+        str | None,
+        typer.Option(
+            help="GIFT, ResAlign, IMMA, MIMA: the model whose predictions make the anchor's erasure target "
+            "(default: the model immunized); give the model before an erasure when immunizing an erased one"
+        ),
+    ] = None,
     relearn_weight: Annotated[
         float | None, typer.Option(help="ResAlign: weight of the harm after a simulated fine-tune (0: off)")
     ] = None,
@@ -623,6 +630,7 @@ def immunize(
         "anchor_weight": anchor_weight,
         "anchor_refresh": anchor_refresh,
         "anchor_selection": anchor_selection,
+        "anchor_reference": anchor_reference,
         "relearn_weight": relearn_weight,
         "retain_weight": retain_weight,
         "retain_loss": retain_loss,
@@ -668,7 +676,8 @@ def run(
         str | None,
         typer.Option(
             "--defences",
-            help="only these defences of the file (comma-separated names); the erased model stays",
+            help="only these defences of the file (comma-separated names); the erased model stays, and the "
+            "run's report keeps the file's other rows already done",
         ),
     ] = None,
     attacks: Annotated[
@@ -684,8 +693,19 @@ def run(
     plan = load_experiment(experiment, names(defences), names(attacks))
     out = out or Path("runs") / plan.experiment.name
     result = _run_plan(plan, out, dry_run)
-    if result is not None:
-        console.print(f"report: {result.report} ({result.seconds / 60:.1f} min)", highlight=False)
+    if result is None:
+        return
+    if defences is not None or attacks is not None:
+        # The run's combined files (experiment.json, metrics.csv, the report) keep every row of the file
+        # done so far, not only the subset: re-read the whole file, running nothing.
+        from diffimmune.pipeline import run_experiment
+
+        seconds = result.seconds
+        result = run_experiment(
+            load_experiment(experiment), out, progress=False, log=lambda m: None, cached_only=True
+        )
+        result.seconds += seconds
+    console.print(f"report: {result.report} ({result.seconds / 60:.1f} min)", highlight=False)
 
 
 @app.command()

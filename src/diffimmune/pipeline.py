@@ -618,8 +618,11 @@ def run_experiment(
     run_dir: str | Path,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    cached_only: bool = False,
 ) -> ExperimentResult:
-    """Run every stage that is not cached; returns where things are and which stages ran."""
+    """Run every stage that is not cached; returns where things are and which stages ran. With
+    `cached_only`, run nothing: the combined metrics and report cover the stages already done (what
+    `diffimmune run --defences/--attacks` writes after its subset, so the run's files keep every row)."""
     from diffimmune.attacks.runner import run_attack
     from diffimmune.data.sources import model_world
     from diffimmune.eval.evaluate import (
@@ -659,8 +662,13 @@ def run_experiment(
     rows: list[dict] = []
     attack_dirs: list[Path] = []
     plans_by_name = {f"{m} / {a.name}": a for m in plan.attack_models for a in plan.attacks}
+    evaluated = {stage.folder.parent for stage in stages if stage.kind == "evaluate" and stage.done}
     for stage in stages:
         started = time.perf_counter()
+        if cached_only and stage.kind != "report" and not (stage.done and stage.model in sources):
+            continue  # not done yet (or its model is not): left out of the combined files
+        if cached_only and stage.kind == "attack" and stage.folder not in evaluated:
+            continue  # trained, not yet evaluated: its row would be empty
         if stage.kind == "erase":
             if not stage.done:
                 log(f"erase: {experiment.erase.method} on {', '.join(plan.target_words)}")
@@ -673,9 +681,12 @@ def run_experiment(
                     f"immunize: {stage.name} ({plan.defences[stage.name].method}, {stage.training_steps} steps)"
                 )
                 model = load_model(sources[stage.model], **load_options)
+                config = plan.defences[stage.name]
+                if config.anchor_reference == BASE:  # the experiment's model, before the erasure
+                    config = config.model_copy(update={"anchor_reference": sources[BASE]})
                 immunize(
                     model,
-                    plan.defences[stage.name],
+                    config,
                     stage.folder,
                     resume=True,
                     progress=progress,

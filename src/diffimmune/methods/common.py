@@ -82,6 +82,7 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "anchor_weight": (*BILEVEL_METHODS, "gift", "resalign"),
     "anchor_refresh": (*BILEVEL_METHODS, "gift", "resalign"),
     "anchor_selection": (*BILEVEL_METHODS, "gift", "resalign"),
+    "anchor_reference": (*BILEVEL_METHODS, "gift", "resalign"),
     **dict.fromkeys(_RESALIGN_FIELDS, ("resalign",)),
 }
 
@@ -136,6 +137,7 @@ IMMUNIZE_FIELDS_ADDED = {
     "anchor_weight": 0.0,
     "anchor_refresh": 0,
     "anchor_selection": None,
+    "anchor_reference": None,
 }
 
 
@@ -298,6 +300,13 @@ class ImmunizeConfig(StrictModel):
         description="GIFT, ResAlign, the bi-level methods: the trained tensors the anchor's gradient reaches "
         "(a parameter selection such as xattn, ESD-x's); unset: every trained tensor",
     )
+    anchor_reference: str | None = Field(
+        default=None,
+        description="GIFT, ResAlign, the bi-level methods: the model whose predictions make the anchor's "
+        "erasure target (a diffusers folder, hub id or delta; in an experiment file, base: the experiment's "
+        "model); unset: the model being immunized, as ESD. Point it at the model before an erasure when "
+        "immunizing an erased one: the erased model's own guidance no longer points at the concept",
+    )
     noise_layers: list[str] = Field(
         default_factory=lambda: ["down_blocks.*", "mid_block", "up_blocks.*"],
         min_length=1,
@@ -327,6 +336,10 @@ class ImmunizeConfig(StrictModel):
             raise ValueError("anchor_refresh re-records the anchor and the anchor is off: set anchor_weight")
         if self.anchor_weight == 0 and self.anchor_selection is not None:
             raise ValueError("anchor_selection limits the anchor and the anchor is off: set anchor_weight")
+        if self.anchor_weight == 0 and self.anchor_reference is not None:
+            raise ValueError(
+                "anchor_reference makes the anchor's target and the anchor is off: set anchor_weight"
+            )
         if self.anchor_selection is not None and self.anchor_selection not in SELECTIONS:
             raise ValueError(
                 f"anchor_selection '{self.anchor_selection}' is not a parameter selection; "
@@ -682,7 +695,8 @@ class SamplerAnchor:
     """ESD's erasure loss at the states the guided sampler visits for the target prompts, an extra term
     of GIFT's, ResAlign's and the bi-level methods' objectives (`anchor_weight`, a diffimmune extension): the
     target prompt's prediction there is pulled to the starting model's guided away from the target,
-    eps0(x, "") - negative_guidance (eps0(x, c) - eps0(x, "")).
+    eps0(x, "") - negative_guidance (eps0(x, c) - eps0(x, "")); with `anchor_reference`, eps0 is that
+    model's (the model before an erasure, whose guidance still points at the concept).
 
     The states are the starting model's trajectories of the target prompts (`retain_sampler_steps` DDIM
     steps at `retain_guidance_scale`, one per prompt, kept in `anchor_states.safetensors`); with
@@ -696,8 +710,19 @@ class SamplerAnchor:
         self.pool = sampler_states(
             model, "anchor", self.prompts, config, out_dir / "anchor_states.safetensors"
         )
+        # ESD's frozen copy: the model being trained, or `anchor_reference` (the model before an erasure)
+        self.reference = model
+        if config.anchor_reference is not None:
+            from diffimmune.models.diffusion_model import load_model
+
+            if config.anchor_reference == "base":
+                raise DiffImmuneError(
+                    "anchor_reference: base names an experiment's model; outside an experiment file give "
+                    "the model's folder or hub id"
+                )
+            self.reference = load_model(config.anchor_reference, device=model.device, dtype=model.dtype)
         with torch.no_grad():
-            self.empty = model.encode_prompts([""])
+            self.empty = self.reference.encode_prompts([""])
         self.names = set(trained)
         if config.anchor_selection is not None:
             self.names = set(selection_names(config.anchor_selection, trained))
@@ -744,8 +769,10 @@ class SamplerAnchor:
         params = {n: v if n in self.names else v.detach() for n, v in params.items()}
         x_t, timesteps = batch.x0, batch.timesteps
         with torch.no_grad():
-            condition = model.encode_prompts(batch.prompts)
-        target = esd_target(model, x_t, timesteps, condition, self.empty, self.config.negative_guidance)
+            condition = self.reference.encode_prompts(batch.prompts)
+        target = esd_target(
+            self.reference, x_t, timesteps, condition, self.empty, self.config.negative_guidance
+        )
         prediction = model.denoise(params, x_t, timesteps, model.encode_prompts(batch.prompts, params))
         return (prediction.float() - target.float()).pow(2).mean()
 
