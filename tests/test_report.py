@@ -4,6 +4,7 @@ report.html, with the right numbers in its tables."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -233,3 +234,29 @@ def test_cli_report_without_metrics_asks_to_evaluate_first(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert "metrics.csv" in lines[0] and "diffimmune evaluate --run" in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_a_folder_replaced_by_another_process_at_the_same_moment_ends_whole(tmp_path, monkeypatch):
+    # Two runs of subsets into one folder write its report assets at once: the other process's folder
+    # lands between our moving the old one aside and moving ours in; ours still lands, whole.
+    import os
+
+    from diffimmune import files
+
+    target = tmp_path / "assets"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_replace, landed = os.replace, []
+
+    def replace(source, destination):
+        if Path(destination) == target and not landed:  # the other process lands first
+            landed.append(True)
+            target.mkdir()
+            (target / "theirs.txt").write_text("theirs")
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with files.atomic_folder(target) as temporary:
+        (temporary / "ours.txt").write_text("ours")
+    assert landed and sorted(p.name for p in target.iterdir()) == ["ours.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assets"]  # nothing set aside is left behind

@@ -50,9 +50,17 @@ def atomic_folder(target: str | os.PathLike):
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     previous = _temporary_sibling(target, "old")
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(temporary, target)
+    for attempt in range(3):  # another process may replace the same folder at the same moment
+        shutil.rmtree(previous, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(target, previous)
+        try:
+            os.replace(temporary, target)
+            break
+        except OSError:  # the other process's folder landed in between: set it aside too, and again
+            if attempt == 2:
+                shutil.rmtree(temporary, ignore_errors=True)
+                raise
     shutil.rmtree(previous, ignore_errors=True)
 
 
