@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -90,3 +91,45 @@ def test_identical_model_states_across_attacks_are_sampled_once(world_model, tmp
         changed = weights_fingerprint(world_model)
         weight.copy_(kept)  # the fixture is shared
     assert changed != before
+
+
+def test_a_model_evaluated_as_it_is_reads_what_an_attacks_step_0_reads(fast_world, world_model, tmp_path):
+    # `evaluate --model`: a release candidate read before any attack, beside the model it was made from.
+    # Its rows are exactly the ones an attack's step 0 on the same model gets (same prompts and seeds).
+    from diffimmune.eval.evaluate import evaluate_models
+    from diffimmune.methods.uce import UCEConfig, erase_with_uce
+    from diffimmune.models.diffusion_model import load_model
+
+    model_dir = str(fast_world[1].model_dir)
+    config = AttackConfig(method="lora", learning_rate=1e-3, steps=1, batch_size=2, num_images=2,
+                          data="world:shape=star", save_at=[0])  # fmt: skip
+    run_attack(world_model, config, tmp_path / "run" / "lora", progress=False, world=model_world(world_model))
+    settings = EvalSettings(samples=4, steps=3, references=8, other_concepts=2)
+    attacked = [r for r in read_metrics_csv(evaluate_run(tmp_path / "run", settings)) if r["step"] == 0]
+    erased = load_model(model_dir)
+    erase_with_uce(erased, UCEConfig(concepts=["star"]), tmp_path / "erased")
+    path, table = evaluate_models(
+        [model_dir, str(tmp_path / "erased")], tmp_path / "out", settings, ["shape=star"]
+    )
+    rows = read_metrics_csv(path)
+
+    def values(rows, model):
+        return {(r["concept"], r["metric"]): r["value"] for r in rows if r["model"] == model}
+
+    sources = list(dict.fromkeys(r["model"] for r in rows))
+    assert len(sources) == 2 and {r["attack"] for r in rows} == {"-"} and {r["step"] for r in rows} == {0}
+    assert values(rows, sources[0]) == pytest.approx(values(attacked, attacked[0]["model"]), abs=1e-6)
+    assert values(rows, sources[1]).keys() == values(rows, sources[0]).keys()
+    assert table[0].startswith("| model | shape=star detection | kept concepts") and len(table) == 4
+    assert "of 2 |" in table[2]  # two kept shapes read
+
+
+def test_cli_evaluate_model_needs_its_targets_and_one_of_run_or_model(fast_world, tmp_path):
+    model_dir = str(fast_world[1].model_dir)
+    result = CliRunner().invoke(app, ["evaluate", "--model", model_dir, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "needs its targets: pass --target" in result.stderr
+    result = CliRunner().invoke(app, ["evaluate", "--model", model_dir, "--target", "shape=star"])
+    assert result.exit_code == 2 and "--model needs --out" in result.stderr
+    result = CliRunner().invoke(app, ["evaluate"])
+    assert result.exit_code == 2 and "give --run (attack folders) or --model" in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -260,7 +260,20 @@ def attack(
 @app.command()
 @user_errors
 def evaluate(
-    run: Annotated[Path, typer.Option("--run", "-r", help="an attack folder, or a folder of them")],
+    run: Annotated[
+        Path | None, typer.Option("--run", "-r", help="an attack folder, or a folder of them")
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="instead of --run: a model as it is, before any attack (a release candidate; repeat to "
+            "compare, e.g. the erased and the immunized one); needs --target and --out",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="with --model: the folder for metrics.csv and samples")
+    ] = None,
     samples: Annotated[int, typer.Option(min=1, help="generations per concept and step")] = 16,
     steps: Annotated[int, typer.Option(min=1, help="sampling steps")] = 25,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 4.0,
@@ -291,7 +304,8 @@ def evaluate(
         typer.Option("--safe-data", help="captioned folder[::filter] of concepts to keep (retention, FID)"),
     ] = None,
 ):
-    """Compute every metric at every saved attack step; writes RUN/metrics.csv (long format)."""
+    """Compute every metric at every saved attack step; writes RUN/metrics.csv (long format). With --model,
+    the same metrics for models as they are (step 0, attack "-"), and a table of targets and kept concepts."""
     from diffimmune.eval.evaluate import EvalSettings, evaluate_run
 
     settings = EvalSettings(
@@ -306,7 +320,22 @@ def evaluate(
         nsfw=nsfw,
         safe_data=safe_data,
     )
-    path = evaluate_run(run, settings, target, log=lambda m: error_console.print(m, highlight=False))
+    log = lambda m: error_console.print(m, highlight=False)  # noqa: E731
+    if (run is None) == (model is None):
+        raise DiffImmuneError(
+            "give --run (attack folders) or --model (models as they are), not both or neither"
+        )
+    if model is not None:
+        from diffimmune.eval.evaluate import evaluate_models
+
+        if out is None:
+            raise DiffImmuneError("--model needs --out, the folder for metrics.csv and the samples")
+        path, lines = evaluate_models(model, out, settings, target or [], log=log)
+        for line in lines:
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print(f"wrote {path}", highlight=False)
+        return
+    path = evaluate_run(run, settings, target, log=log)
     console.print(f"wrote {path}", highlight=False)
 
 

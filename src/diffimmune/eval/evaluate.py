@@ -18,6 +18,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -107,19 +108,89 @@ def evaluate_attack(
     cached under shared_samples/<weights fingerprint>/, so identical model states across attacks (every
     attack's step 0 on one model) are sampled once. A model outside the concept world is measured by
     `eval.general.evaluate_general` with the encoders the settings name."""
-    from diffimmune.eval.encoders import WorldEncoder
     from diffimmune.models.diffusion_model import load_model
-    from diffimmune.recipes.world_build import world_model_parts
 
     config, model_source = read_attack(attack_dir)
     model = load_model(model_source, device="cpu")
+    states = checkpoint_states(model, attack_dir, shared_samples)
+    return evaluate_states(
+        model, model_source, config, attack_dir.name, states, settings, targets, classifier, log
+    )
+
+
+def evaluate_model(
+    source: str, out_dir: Path, settings: EvalSettings, targets: list[str], log=None, **load_options
+):
+    """A model as it is, before any attack (a release candidate): the rows an attack's step 0 would have
+    (the same prompts and seeds), with attack "-", its samples under out_dir/samples. `targets` are required
+    (no attack data names them): column=value on the world, a data string FOLDER::column=value outside it;
+    the other concepts are read for retention as an attack's evaluation reads them."""
+    from diffimmune.models.diffusion_model import load_model
+
+    if not targets:
+        raise DiffImmuneError(
+            "a model evaluated without an attack needs its targets: pass --target shape=star"
+        )
+    model = load_model(source, device="cpu", **load_options)
+    # What an attack's config tells the evaluation: the prompts are the data's captions, the targets given.
+    config = SimpleNamespace(prompt=None, token="sks", data="")
+    source = getattr(model, "source", None) or str(source)
+    return evaluate_states(
+        model, source, config, "-", [(0, Path(out_dir), None)], settings, targets, None, log
+    )
+
+
+def evaluate_models(
+    sources: list[str], out_dir: Path, settings: EvalSettings, targets: list[str], log=None
+) -> tuple[Path, list[str]]:
+    """`evaluate_model` for each source (samples under out_dir/<n>-<name>/), one metrics.csv, and a table
+    to print: each model's target detection, its kept concepts' mean detection and its FID on them, side by
+    side (what to read before releasing an immunized model beside the model it was made from)."""
+    out_dir = Path(out_dir)
+    rows = []
+    for index, source in enumerate(sources):
+        path = Path(source)
+        label = path.parent.name if path.name in ("delta", "") else path.name
+        rows += evaluate_model(source, out_dir / f"{index}-{label}", settings, targets, log=log)
+    metrics = write_metrics_csv(rows, out_dir / "metrics.csv")
+    return metrics, model_table(rows, targets)
+
+
+def model_table(rows: list[dict], targets: list[str]) -> list[str]:
+    """A markdown table of `evaluate_models`' rows: per model, each target's detection, the mean detection
+    of the other concepts it read, and the FID of their generations."""
+    wanted = {"=".join(_single(t)) if "::" not in t else t.partition("::")[2] or t for t in targets}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    header = [
+        "model",
+        *[f"{t} detection" for t in sorted(wanted)],
+        "kept concepts (mean detection)",
+        "FID kept",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model in models:
+        own = [r for r in rows if r["model"] == model]
+        detection = {r["concept"]: r["value"] for r in own if r["metric"] == "detection"}
+        kept = [v for c, v in detection.items() if c not in wanted and c != SAFE_CONCEPT]
+        fid = [r["value"] for r in own if r["concept"] == SAFE_CONCEPT and r["metric"].startswith("fid_")]
+        cells = [model, *[f"{detection[t]:.0%}" if t in detection else "-" for t in sorted(wanted)]]
+        cells.append(f"{sum(kept) / len(kept):.1%} of {len(kept)}" if kept else "-")
+        cells.append(f"{fid[0]:.2f}" if fid else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def evaluate_states(model, model_source: str, config, name: str, states, settings, targets, classifier, log):
+    """Rows of metrics for `model` at each (step, folder, shared sample folder) of `states` (the model
+    holding that step's weights as it is yielded); `config` gives the prompts' template, token and data."""
+    from diffimmune.eval.encoders import WorldEncoder
+    from diffimmune.recipes.world_build import world_model_parts
+
     world = model_world(model)
     if world is None:
         from diffimmune.eval.general import evaluate_general
 
-        return evaluate_general(
-            attack_dir, config, model, model_source, settings, targets, log=log, shared_samples=shared_samples
-        )
+        return evaluate_general(name, states, config, model, model_source, settings, targets, log=log)
     classifier = classifier or world_model_parts(world_model_folder(model))[1]
     encoder = WorldEncoder(classifier)
     raw_encoder = WorldEncoder(classifier, normalize=False)
@@ -139,8 +210,8 @@ def evaluate_attack(
         plans.append(("other", "shape", shape, prompts, data.images))
     reference_features = {(c, v): encoder.encode_images(refs) for _, c, v, _, refs in plans}
     rows = []
-    attack_name = attack_dir.name
-    for step, folder, shared in checkpoint_states(model, attack_dir, shared_samples):
+    attack_name = name
+    for step, folder, shared in states:
         other_fakes, other_reals = [], []
         for kind, column, value, prompts, references in plans:
             seeds = [EVAL_SEED * 1000 + i for i in range(len(prompts))]

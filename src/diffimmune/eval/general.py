@@ -77,16 +77,18 @@ def load_encoders(settings) -> dict:
 
 
 def evaluate_general(
-    attack_dir: Path,
+    name: str,
+    states,
     config,
     model,
     model_source: str,
     settings,
     targets: list[str] | None = None,
     log=None,
-    shared_samples: Path | None = None,
 ) -> list[dict]:
-    from diffimmune.eval.evaluate import EVAL_SEED, SAFE_CONCEPT, checkpoint_states
+    """`evaluate_states` for a model outside the concept world: the encoders the settings name, at each
+    (step, folder, shared sample folder) of `states` (an attack's saved steps, or a model as it is)."""
+    from diffimmune.eval.evaluate import EVAL_SEED, SAFE_CONCEPT
 
     encoders = load_encoders(settings)
     lpips = None
@@ -115,8 +117,8 @@ def evaluate_general(
     }
     first = next(iter(encoders))
     rows = []
-    for step, folder, shared in checkpoint_states(model, attack_dir, shared_samples):
-        base = {"model": model_source, "attack": attack_dir.name, "step": step}
+    for step, folder, shared in states:
+        base = {"model": model_source, "attack": name, "step": step}
         for plan in plans:
             seeds = [EVAL_SEED * 1000 + i for i in range(len(plan.prompts))]
             images = generate_cached(
@@ -165,7 +167,7 @@ def evaluate_general(
         if log is not None:
             shown = [r for r in rows if r["step"] == step and r["metric"] == f"similarity_{first}"]
             log(
-                f"{attack_dir.name} step {step}: similarity_{first} "
+                f"{name} step {step}: similarity_{first} "
                 + ", ".join(f"{r['concept']} {r['value']:.3f}" for r in shown)
             )
     return rows
