@@ -588,7 +588,7 @@ def test_the_anchor_reads_its_erasure_target_from_anchor_reference(fast_world, t
     erased = load_model(base_dir)
     erase_with_uce(erased, UCEConfig(concepts=["star"]), tmp_path / "erased")
     erased = load_model(tmp_path / "erased")
-    losses, anchors = {}, {}
+    losses, batches = {}, {}
     for reference in (None, str(base_dir)):
         config = small_config("imma", concepts=("star",), anchor_weight=1.0, retain_sampler_steps=3,
                               anchor_reference=reference)  # fmt: skip
@@ -598,9 +598,9 @@ def test_the_anchor_reads_its_erasure_target_from_anchor_reference(fast_world, t
         batch = Batch(pool.x0, pool.prompts, timesteps=pool.timesteps, noisy=True)
         named = erased.named_parameters()
         losses[reference] = method.anchor.loss({n: named[n] for n in method.theta_names}, batch).item()
-        anchors[reference] = (method.anchor, batch)
+        batches[reference] = batch
     # the target is exactly the reference's ESD target at the same states
-    anchor, batch = anchors[str(base_dir)]
+    batch = batches[str(base_dir)]
     base = load_model(base_dir)
     with torch.no_grad():
         empty = base.encode_prompts([""])
