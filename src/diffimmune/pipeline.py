@@ -662,7 +662,8 @@ def run_experiment(
     rows: list[dict] = []
     attack_dirs: list[Path] = []
     plans_by_name = {f"{m} / {a.name}": a for m in plan.attack_models for a in plan.attacks}
-    evaluated = {stage.folder.parent for stage in stages if stage.kind == "evaluate" and stage.done}
+    # cached_only: the attack folders whose evaluation is done (no other run reads this)
+    evaluated = {s.folder.parent for s in stages if s.kind == "evaluate" and s.done} if cached_only else set()
     for stage in stages:
         started = time.perf_counter()
         if cached_only and stage.kind != "report" and not (stage.done and stage.model in sources):

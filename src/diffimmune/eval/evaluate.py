@@ -210,7 +210,6 @@ def evaluate_states(model, model_source: str, config, name: str, states, setting
         plans.append(("other", "shape", shape, prompts, data.images))
     reference_features = {(c, v): encoder.encode_images(refs) for _, c, v, _, refs in plans}
     rows = []
-    attack_name = name
     for step, folder, shared in states:
         other_fakes, other_reals = [], []
         for kind, column, value, prompts, references in plans:
@@ -229,7 +228,7 @@ def evaluate_states(model, model_source: str, config, name: str, states, setting
                 encoder.encode_images(images), reference_features[(column, value)]
             )
             concept = f"{column}={value}"
-            base = {"model": model_source, "attack": attack_name, "step": step, "concept": concept}
+            base = {"model": model_source, "attack": name, "step": step, "concept": concept}
             rows.append({**base, "metric": "detection", "value": float(np.mean(detected))})
             rows.append({**base, "metric": "similarity_world", "value": similarity})
             if kind == "target":
@@ -243,16 +242,16 @@ def evaluate_states(model, model_source: str, config, name: str, states, setting
             scores = fid_kid(
                 torch.cat(other_reals), torch.cat(other_fakes), FeatureExtractor(raw_encoder.encode_images)
             )
-            base = {"model": model_source, "attack": attack_name, "step": step, "concept": SAFE_CONCEPT}
+            base = {"model": model_source, "attack": name, "step": step, "concept": SAFE_CONCEPT}
             rows.append({**base, "metric": "fid_world", "value": scores["fid"]})
             rows.append({**base, "metric": "kid_world", "value": scores["kid_mean"]})
         if log is not None:
             summary = ", ".join(
                 f"{r['concept']} {r['value']:.0%}"
                 for r in rows
-                if r["step"] == step and r["metric"] == "detection" and r["attack"] == attack_name
+                if r["step"] == step and r["metric"] == "detection" and r["attack"] == name
             )
-            log(f"{attack_name} step {step}: detection {summary}")
+            log(f"{name} step {step}: detection {summary}")
     return rows
 
 
