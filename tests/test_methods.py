@@ -261,6 +261,47 @@ def test_catch_up_steps_the_adversaries_until_their_loss_is_within_max_loss(
     assert moved and any(not torch.equal(states[0][k], states[3][k]) for k in moved)
 
 
+@pytest.mark.parametrize("mode", ["first_order", "unrolled"])
+def test_restart_starts_the_carried_adversaries_again_from_the_released_weights(world_model, tmp_path, mode):
+    world = model_world(world_model)
+    config = small_config(
+        "mima", inner_method="lora", inner_optimizer="adam", outer_models="adapted", hypergradient=mode,
+        inner_restart=2,
+    )  # fmt: skip
+    method = method_registry()["mima"](Context(world_model, config, tmp_path, world))
+    named = world_model.named_parameters()
+    theta = {n: named[n].detach().clone().requires_grad_(True) for n in method.theta_names}
+    fresh = {f"inner.{k}": v for k, v in method.inner_state().items()}
+    params = theta | {k: v.clone() for k, v in fresh.items()}
+    for step in (0, 1):  # two steps grow the adversaries: their Adam count reads 2
+        method.step(params, step, torch.Generator().manual_seed(step))
+    assert params["inner.adam_count"].item() == 2
+    carried = {k: v.clone() for k, v in params.items() if k.startswith("inner.")}
+    restarted = method.step(params, 2, torch.Generator().manual_seed(9))
+    # Step 2 is a restart: what it does equals a step from fresh adversaries on the same released weights ...
+    again = theta | {k: v.clone() for k, v in fresh.items()}
+    from_fresh = method.step(again, 2, torch.Generator().manual_seed(9))
+    assert params["inner.adam_count"].item() == 1
+    for key in fresh:
+        torch.testing.assert_close(params[key], again[key], rtol=0, atol=0)
+    assert restarted.loss == pytest.approx(from_fresh.loss, rel=1e-6)
+    # ... and not what the grown adversaries do (step 3 is not a restart: they carry on).
+    grown = theta | carried
+    method.step(grown, 3, torch.Generator().manual_seed(9))
+    assert grown["inner.adam_count"].item() == 3
+    moved = [k for k in fresh if "/" in k and again[k].abs().sum() > 0]
+    assert moved and any(not torch.equal(grown[k], again[k]) for k in moved)
+
+
+def test_restart_needs_carried_adversaries():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="inner_restart restarts adversaries .* set inner_warm_start true"):
+        ImmunizeConfig(method="mima", concepts=["world:shape=star"], inner_restart=5, inner_warm_start=False)
+    with pytest.raises(ValidationError, match="inner_restart is read by .*, not by gift"):
+        ImmunizeConfig(method="gift", concepts=["world:shape=star"], inner_restart=5)
+
+
 def test_catch_up_without_a_loss_bound_is_refused():
     from pydantic import ValidationError
 
@@ -495,6 +536,11 @@ def test_cli_immunize_catch_up_flags_reach_the_run(fast_world, tmp_path):
         json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()
     ]
     assert 1 <= metrics[-1]["inner_catch_up"] <= 2
+
+
+def test_cli_immunize_restart_flag_reaches_the_run(fast_world, tmp_path):
+    config = cli_one_step_imma(fast_world, tmp_path / "run", "--inner-method", "lora", "--inner-restart", "3")
+    assert config["inner_restart"] == 3
 
 
 def test_cli_immunize_takes_one_adversary_of_each_kind(fast_world, tmp_path):

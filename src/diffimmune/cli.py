@@ -527,6 +527,14 @@ def immunize(
             "until one starts with every adversary's loss within it (that step kept)",
         ),
     ] = None,
+    inner_restart: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="bi-level methods: every this many outer steps the carried adversaries start again from the "
+            "released weights (0: never)",
+        ),
+    ] = None,
     selection: Annotated[
         str | None, typer.Option(help="released tensors to train (attn, xattn, ...)")
     ] = None,
@@ -651,6 +659,7 @@ def immunize(
         "inner_steps": inner_steps,
         "max_loss": max_loss,
         "inner_catch_up": inner_catch_up,
+        "inner_restart": inner_restart,
         "selection": selection,
         "prompt": prompt,
         "tokens": split_list(tokens) or None,

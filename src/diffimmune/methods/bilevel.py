@@ -190,8 +190,9 @@ class BilevelMethod(Method):
         context = self.context
         theta = theta_of(params, self.theta_names)
         residuals = {k: v for k, v in inner_of(params).items() if k != ANCHOR_STATES}
-        if not self.config.inner_warm_start:
-            residuals = {k: torch.zeros_like(v) for k, v in residuals.items()}
+        restart = self.config.inner_restart
+        if not self.config.inner_warm_start or (restart and step > 0 and step % restart == 0):
+            residuals = {k: torch.zeros_like(v) for k, v in residuals.items()}  # moments and count too
         inner_batches = [
             [self.branch_batch(branch, generator) for branch in self.branches]
             for _ in range(self.config.inner_steps)

@@ -67,6 +67,7 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "inner_learning_rate": (*BILEVEL_METHODS, "gift"),  # GIFT: its preservation step
     "inner_steps": (*BILEVEL_METHODS, "gift"),
     "inner_catch_up": BILEVEL_METHODS,
+    "inner_restart": BILEVEL_METHODS,
     "max_loss": (*BILEVEL_METHODS, "gift", "resalign"),
     "retain_loss": (*BILEVEL_METHODS, "gift", "resalign"),  # ResAlign always distils; guided changes how
     "retain_rollout_steps": BILEVEL_METHODS,
@@ -134,6 +135,7 @@ IMMUNIZE_FIELDS_ADDED = {
     "retain_projection_samples": 256,
     "retain_projection_target_words": False,
     "inner_catch_up": 0,
+    "inner_restart": 0,
     "anchor_weight": 0.0,
     "anchor_refresh": 0,
     "anchor_selection": None,
@@ -183,6 +185,13 @@ class ImmunizeConfig(StrictModel):
         description="bi-level methods, with max_loss: up to this many extra lower-level steps (no graph) "
         "before an outer step's own, until one starts with every adversary's loss on its target data within "
         "max_loss (that step kept, so at least one), so the ascent keeps a recovered adversary to push against",
+    )
+    inner_restart: int = Field(
+        default=0,
+        ge=0,
+        description="bi-level methods, with inner_warm_start: every this many outer steps the carried adversaries "
+        "start again from the released weights (residuals and Adam moments zeroed), so the ascent keeps meeting "
+        "young adversaries, as a fresh attack starts, beside grown ones (0: never)",
     )
     inner_rank: int = Field(default=4, gt=0)
     inner_warm_start: bool = Field(
@@ -477,6 +486,11 @@ class ImmunizeConfig(StrictModel):
         if self.inner_catch_up and self.max_loss is None:
             raise ValueError(
                 "inner_catch_up steps the adversaries until their loss is within max_loss: set max_loss (e.g. 0.3)"
+            )
+        if self.inner_restart and not self.inner_warm_start:
+            raise ValueError(
+                "inner_restart restarts adversaries that are carried between outer steps: remove it, or set "
+                "inner_warm_start true"
             )
         if self.tokens is not None and len(self.tokens) != len(self.concepts):
             raise ValueError(f"tokens has {len(self.tokens)} entries for {len(self.concepts)} concepts")
