@@ -296,7 +296,9 @@ def test_restart_starts_the_carried_adversaries_again_from_the_released_weights(
 def test_restart_needs_carried_adversaries():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="inner_restart restarts adversaries .* set inner_warm_start true"):
+    with pytest.raises(
+        ValidationError, match="inner_restart restarts adversaries .* set inner_warm_start true"
+    ):
         ImmunizeConfig(method="mima", concepts=["world:shape=star"], inner_restart=5, inner_warm_start=False)
     with pytest.raises(ValidationError, match="inner_restart is read by .*, not by gift"):
         ImmunizeConfig(method="gift", concepts=["world:shape=star"], inner_restart=5)
