@@ -304,6 +304,35 @@ def test_restart_needs_carried_adversaries():
         ImmunizeConfig(method="gift", concepts=["world:shape=star"], inner_restart=5)
 
 
+def test_average_from_releases_the_mean_of_the_iterates_after_it(fast_world, tmp_path):
+    model_dir, world = fast_world[1].model_dir, None
+    runs = {}
+    for steps, average_from in ((2, None), (3, None), (4, None), (4, 1)):
+        config = small_config("imma", hypergradient="first_order", steps=steps, average_from=average_from)
+        model = load_model(model_dir)
+        world = model_world(model)
+        out = tmp_path / f"t{steps}_{average_from}"
+        runs[steps, average_from] = immunize(model, config, out, progress=False, world=world)
+    released = {key: load_model(run.out_dir).named_parameters() for key, run in runs.items()}
+    names = runs[4, None].changed
+    assert names
+    # The three runs without averaging are one trajectory stopped at steps 2, 3 and 4 (constant lr,
+    # per-step data); averaging from step 1 releases the mean of those three iterates.
+    for name in names:
+        mean = sum(released[steps, None][name] for steps in (2, 3, 4)) / 3
+        torch.testing.assert_close(released[4, 1][name], mean, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(released[4, 1][n], released[4, None][n]) for n in names)
+
+
+def test_average_from_that_leaves_nothing_to_average_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="average_from 200 leaves no step of 200 to average"):
+        ImmunizeConfig(method="mima", concepts=["world:shape=star"], average_from=200)
+    with pytest.raises(ValidationError, match="average_from is read by .*, not by resalign"):
+        ImmunizeConfig(method="resalign", concepts=["world:shape=star"], average_from=100)
+
+
 def test_catch_up_without_a_loss_bound_is_refused():
     from pydantic import ValidationError
 
@@ -452,6 +481,8 @@ def test_a_folder_of_another_immunization_is_never_resumed_as_this_one(world_mod
         {"inner_method": "lora", "inner_optimizer": "adam"},
         # killed between the anchor's refreshes at steps 2 and 4: the refreshed states carry
         {"inner_method": "lora", "anchor_weight": 5.0, "anchor_refresh": 2, "retain_sampler_steps": 3},
+        # killed inside the averaged steps: the running mean carries
+        {"inner_method": "lora", "average_from": 1},
     ],
 )
 def test_a_killed_run_resumes_to_the_same_delta(assert_resumes_exactly, overrides):
@@ -540,9 +571,10 @@ def test_cli_immunize_catch_up_flags_reach_the_run(fast_world, tmp_path):
     assert 1 <= metrics[-1]["inner_catch_up"] <= 2
 
 
-def test_cli_immunize_restart_flag_reaches_the_run(fast_world, tmp_path):
-    config = cli_one_step_imma(fast_world, tmp_path / "run", "--inner-method", "lora", "--inner-restart", "3")
-    assert config["inner_restart"] == 3
+def test_cli_immunize_restart_and_averaging_flags_reach_the_run(fast_world, tmp_path):
+    flags = ["--inner-method", "lora", "--inner-restart", "3", "--average-from", "0"]
+    config = cli_one_step_imma(fast_world, tmp_path / "run", *flags)
+    assert config["inner_restart"] == 3 and config["average_from"] == 0
 
 
 def test_cli_immunize_takes_one_adversary_of_each_kind(fast_world, tmp_path):

@@ -335,6 +335,7 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
         "retain_projection_target_words",
         "inner_catch_up",
         "inner_restart",
+        "average_from",
         "anchor_weight",
         "anchor_refresh",
         "anchor_selection",
@@ -353,6 +354,8 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
     assert immunize_key(caught)["inner_catch_up"] == 5
     restarted = ImmunizeConfig(method="mima", concepts=["world:shape=star"], inner_restart=25)
     assert immunize_key(restarted)["inner_restart"] == 25
+    averaged = ImmunizeConfig(method="mima", concepts=["world:shape=star"], average_from=100)
+    assert immunize_key(averaged)["average_from"] == 100
     projected = ImmunizeConfig(method="mima", concepts=["world:shape=star"], retain_projection=0.9)
     assert immunize_key(projected)["retain_projection"] == 0.9
     worded = projected.model_copy(update={"retain_projection_target_words": True})

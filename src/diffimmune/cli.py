@@ -535,6 +535,13 @@ def immunize(
             "released weights (0: never)",
         ),
     ] = None,
+    average_from: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="release the mean of the trained tensors over the steps after this one (iterate averaging)",
+        ),
+    ] = None,
     selection: Annotated[
         str | None, typer.Option(help="released tensors to train (attn, xattn, ...)")
     ] = None,
@@ -660,6 +667,7 @@ def immunize(
         "max_loss": max_loss,
         "inner_catch_up": inner_catch_up,
         "inner_restart": inner_restart,
+        "average_from": average_from,
         "selection": selection,
         "prompt": prompt,
         "tokens": split_list(tokens) or None,

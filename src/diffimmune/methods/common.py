@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 IMMUNIZE_METHODS = ("imma", "mima", "joint", "compose", "esd", "gift", "resalign")
 InnerMethod = Literal["lora", "dreambooth", "textual_inversion", "custom_diffusion", "full"]  # the adapters
 INNER_PREFIX = "inner."
+# `average_from`: the running mean of the released tensors, and how many iterates it holds, in the
+# training state (so the checkpoints carry it and a resumed run ends where the unbroken one does).
+AVERAGE_PREFIX = "average."
+AVERAGE_COUNT = "average_count"
 BILEVEL_METHODS = ("imma", "mima", "joint", "compose")  # methods/bilevel.py: adapters as the lower level
 
 # Method-specific fields and the methods that read them. A config giving any other method a value other
@@ -68,6 +72,8 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
     "inner_steps": (*BILEVEL_METHODS, "gift"),
     "inner_catch_up": BILEVEL_METHODS,
     "inner_restart": BILEVEL_METHODS,
+    # the methods whose trained tensors are the released ones (ResAlign trains a LoRA merged at the end)
+    "average_from": (*BILEVEL_METHODS, "gift", "esd"),
     "max_loss": (*BILEVEL_METHODS, "gift", "resalign"),
     "retain_loss": (*BILEVEL_METHODS, "gift", "resalign"),  # ResAlign always distils; guided changes how
     "retain_rollout_steps": BILEVEL_METHODS,
@@ -136,6 +142,7 @@ IMMUNIZE_FIELDS_ADDED = {
     "retain_projection_target_words": False,
     "inner_catch_up": 0,
     "inner_restart": 0,
+    "average_from": None,
     "anchor_weight": 0.0,
     "anchor_refresh": 0,
     "anchor_selection": None,
@@ -433,6 +440,13 @@ class ImmunizeConfig(StrictModel):
                 raise ValueError(f"finetune_learning_rates needs positive rates for {method}, got {rates}")
         return self
 
+    average_from: int | None = Field(
+        default=None,
+        ge=0,
+        description="release the mean of the trained tensors over the outer steps after this one (iterate "
+        "averaging: the last steps of the min-max game oscillate; their mean is where the run settles), "
+        "instead of the last step's; None: the last step's",
+    )
     seed: int = 0
     checkpoint_every: int = Field(default=50, gt=0)
 
@@ -486,6 +500,10 @@ class ImmunizeConfig(StrictModel):
         if self.inner_catch_up and self.max_loss is None:
             raise ValueError(
                 "inner_catch_up steps the adversaries until their loss is within max_loss: set max_loss (e.g. 0.3)"
+            )
+        if self.average_from is not None and self.average_from >= self.steps:
+            raise ValueError(
+                f"average_from {self.average_from} leaves no step of {self.steps} to average: set it below steps"
             )
         if self.inner_restart and not self.inner_warm_start:
             raise ValueError(
@@ -1040,6 +1058,10 @@ def immunize(
     theta = {n: named[n].detach().clone() for n in method.theta_names}
     carried = {INNER_PREFIX + k: v.detach().clone() for k, v in method.inner_state().items()}
     params = {**theta, **carried}
+    averaging = config.average_from is not None
+    if averaging:
+        params |= {AVERAGE_PREFIX + n: v.clone() for n, v in theta.items()}
+        params[AVERAGE_COUNT] = torch.zeros(())
     train_config = TrainConfig(
         steps=config.steps,
         learning_rate=config.learning_rate,
@@ -1088,7 +1110,15 @@ def immunize(
                     f"sampling (every {config.retain_refresh} steps), so it cannot end as an unbroken run "
                     "would; set steps to a multiple of retain_refresh or pass --no-resume"
                 )
+        if averaging:  # the step sees the training state, not the running mean
+            values = {k: v for k, v in values.items() if not k.startswith((AVERAGE_PREFIX, AVERAGE_COUNT))}
         return method.step(values, step, generator)
+
+    def after_update(values):
+        if projection is not None:
+            projection.project_params_(values, anchor)
+        if averaging:
+            average_update(values, method.theta_names, config.average_from)
 
     result = train(
         params,
@@ -1098,8 +1128,11 @@ def immunize(
         resume=resume,
         progress=progress,
         description=f"immunize {config.method}",
-        after_update=None if projection is None else lambda p: projection.project_params_(p, anchor),
+        after_update=after_update if projection is not None or averaging else None,
     )
+    if averaging:
+        for name in method.theta_names:
+            params[name] = params[AVERAGE_PREFIX + name]
     final = method.finalize(params)
     model.load_parameters(final)
     changed = [n for n in final if not torch.equal(final[n], reference[n])]
@@ -1115,6 +1148,19 @@ def immunize(
     if log is not None:
         log(f"{config.method}: {len(changed)} tensor(s) changed; delta in {delta_dir}")
     return ImmunizeRun(out_dir, delta_dir, config, changed, result.last_metrics)
+
+
+@torch.no_grad()
+def average_update(params: dict[str, Tensor], names: list[str], start: int) -> None:
+    """`average_from`, after each update: count the update and, past `start` of them, fold the updated
+    tensors into their running mean (the first one past it replaces the starting copy)."""
+    params[AVERAGE_COUNT].add_(1)
+    taken = round(float(params[AVERAGE_COUNT])) - start  # how many iterates the mean holds with this one
+    if taken <= 0:
+        return
+    for name in names:
+        mean = params[AVERAGE_PREFIX + name]
+        mean.add_(params[name] - mean, alpha=1.0 / taken)
 
 
 def theta_of(params: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
