@@ -16,8 +16,10 @@ from diffimmune.cli import app
 from diffimmune.errors import DiffImmuneError
 from diffimmune.eval.evaluate import read_metrics_csv, target_concepts
 from diffimmune.pipeline import (
+    COMBINE_LOCK,
     DEMO_EXPERIMENT,
     build_stages,
+    combine_run,
     evaluation_file,
     load_experiment,
     run_experiment,
@@ -262,6 +264,15 @@ def test_runs_of_subsets_into_one_folder_keep_every_row_done_in_its_report(fast_
     assert record["config"]["anchor_reference"] == str(fast_world[1].model_dir)
     report = (out / "report.md").read_text()
     assert "imma_b" in report and "lora_fast" not in report
+    # A subset run finishing while another rewrites the combined files waits for it, and then reads the
+    # stages after the other's write (held here by hand: the rewrite does not start within the timeout).
+    from filelock import FileLock, Timeout
+
+    with FileLock(str(out / COMBINE_LOCK)), pytest.raises(Timeout):
+        combine_run(path, out, timeout=0.2)
+    (out / "metrics.csv").unlink()
+    combine_run(path, out, timeout=0.2)
+    assert models_in_metrics() == {("uce", "lora"), ("imma", "lora"), ("imma_b", "lora")}
 
 
 def test_run_refuses_a_name_the_file_does_not_have(fast_world, tmp_path):

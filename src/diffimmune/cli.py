@@ -744,12 +744,10 @@ def run(
     if defences is not None or attacks is not None:
         # The run's combined files (experiment.json, metrics.csv, the report) keep every row of the file
         # done so far, not only the subset: re-read the whole file, running nothing.
-        from diffimmune.pipeline import run_experiment
+        from diffimmune.pipeline import combine_run
 
         seconds = result.seconds
-        result = run_experiment(
-            load_experiment(experiment), out, progress=False, log=lambda m: None, cached_only=True
-        )
+        result = combine_run(experiment, out)
         result.seconds += seconds
     console.print(f"report: {result.report} ({result.seconds / 60:.1f} min)", highlight=False)
 

@@ -613,6 +613,24 @@ def resolve_model(model: str, log: Callable[[str], None]) -> str:
     return model
 
 
+# Held while a run's combined files (experiment.json, metrics.csv, the report) are rewritten from its stages.
+COMBINE_LOCK = ".combine.lock"
+
+
+def combine_run(path: str | Path, run_dir: str | Path, timeout: float = -1) -> ExperimentResult:
+    """Rewrite a run's combined files from every stage of the experiment file at `path` already done,
+    running nothing (after `diffimmune run --defences/--attacks`). Two subset runs finishing together each
+    do this; the lock makes the second read the stages after the first has written, so neither's rows are
+    lost (`timeout`: seconds to wait for it, -1 for as long as it takes)."""
+    from filelock import FileLock
+
+    run_dir = ensure_writable_folder(run_dir, "run folder")
+    with FileLock(str(run_dir / COMBINE_LOCK), timeout=timeout):
+        return run_experiment(
+            load_experiment(path), run_dir, progress=False, log=lambda m: None, cached_only=True
+        )
+
+
 def run_experiment(
     plan: ExperimentPlan,
     run_dir: str | Path,
