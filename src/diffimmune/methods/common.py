@@ -444,8 +444,7 @@ class ImmunizeConfig(StrictModel):
         default=None,
         ge=0,
         description="release the mean of the trained tensors over the outer steps after this one (iterate "
-        "averaging: the last steps of the min-max game oscillate; their mean is where the run settles), "
-        "instead of the last step's; None: the last step's",
+        "averaging, a remedy for a min-max game that oscillates) instead of the last step's; None: the last step's",
     )
     seed: int = 0
     checkpoint_every: int = Field(default=50, gt=0)
