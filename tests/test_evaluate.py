@@ -124,6 +124,36 @@ def test_a_model_evaluated_as_it_is_reads_what_an_attacks_step_0_reads(fast_worl
     assert "of 2 |" in table[2]  # two kept shapes read
 
 
+@pytest.mark.parametrize(
+    ("target", "column"),
+    [
+        ("heart", "shape"),
+        ("shape=heart", "shape"),
+        ("heart", "concept"),
+        ("FOLDER::concept=heart", "concept"),
+    ],
+)
+def test_the_model_table_finds_a_target_by_the_name_its_rows_carry(target, column):
+    # The world names a bare target shape=heart, a folder's evaluation concept=heart: either way the
+    # target gets its own column and is not counted among the kept concepts.
+    from diffimmune.eval.evaluate import model_table
+
+    def row(concept, value):
+        return {
+            "model": "m",
+            "attack": "-",
+            "step": 0,
+            "concept": concept,
+            "metric": "detection",
+            "value": value,
+        }
+
+    rows = [row(f"{column}=heart", 0.25), row(f"{column}=arrow", 0.5), row(f"{column}=moon", 1.0)]
+    table = model_table(rows, [target])
+    assert table[0].startswith(f"| model | {column}=heart detection | kept concepts")
+    assert table[2] == "| m | 25% | 75.0% of 2 | - |"
+
+
 def test_cli_evaluate_model_needs_its_targets_and_one_of_run_or_model(fast_world, tmp_path):
     model_dir = str(fast_world[1].model_dir)
     result = CliRunner().invoke(app, ["evaluate", "--model", model_dir, "--out", str(tmp_path / "o")])

@@ -83,11 +83,20 @@ def target_concepts(config, targets: list[str] | None) -> list[tuple[str, str]]:
     return []
 
 
-def _single(text: str) -> tuple[str, str]:
-    column, negate, values = parse_filter(text)
+def _single(text: str, default_column: str = "shape") -> tuple[str, str]:
+    column, negate, values = parse_filter(text, default_column=default_column)
     if negate or len(values) != 1:
-        raise DiffImmuneError(f"target '{text}' must name one concept, like shape=heart")
+        example = "shape=heart" if default_column == "shape" else f"{default_column}=van_gogh"
+        raise DiffImmuneError(f"target '{text}' must name one concept, like {example}")
     return column, values[0]
+
+
+def target_name(target: str, default_column: str = "shape") -> str:
+    """The concept name a target's rows carry: column=value (a bare value takes `default_column`: shape on
+    the world, concept outside it), or for a data string FOLDER::column=value the part after '::'."""
+    if "::" in target:
+        return target.partition("::")[2] or target
+    return "=".join(_single(target, default_column))
 
 
 def concept_prompts(world, column: str, value: str, template: str | None, token: str, count: int):
@@ -159,7 +168,11 @@ def evaluate_models(
 def model_table(rows: list[dict], targets: list[str]) -> list[str]:
     """A markdown table of `evaluate_models`' rows: per model, each target's detection, the mean detection
     of the other concepts it read, and the FID of their generations."""
-    wanted = {"=".join(_single(t)) if "::" not in t else t.partition("::")[2] or t for t in targets}
+    read = {r["concept"] for r in rows}
+    wanted = set()
+    for target in targets:  # named as the world names it, or as a folder's concepts are, whichever was read
+        names = [target_name(target, column) for column in ("shape", "concept")]
+        wanted.add(next((n for n in names if n in read), names[0]))
     models = list(dict.fromkeys(r["model"] for r in rows))
     header = [
         "model",

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffimmune.data.sources import load_concept_data, parse_filter
+from diffimmune.data.sources import load_concept_data
 from diffimmune.errors import DiffImmuneError
 from diffimmune.eval.metrics import FeatureExtractor, best_of_n_failure, clip_score, fid_kid
 from diffimmune.eval.sampling import generate_cached
@@ -47,16 +47,12 @@ def target_specs(config, targets: list[str] | None) -> list[tuple[str, str]]:
     folder, _, own_filter = config.data.partition("::")
     if not targets:
         return [(own_filter or Path(folder).name, config.data)]
-    specs = []
-    for target in targets:
-        if "::" in target:
-            specs.append((target.partition("::")[2] or target, target))
-            continue
-        column, negate, values = parse_filter(target, default_column="concept")
-        if negate or len(values) != 1:
-            raise DiffImmuneError(f"target '{target}' must name one concept, like concept=van_gogh")
-        specs.append((f"{column}={values[0]}", f"{folder}::{column}={values[0]}"))
-    return specs
+    from diffimmune.eval.evaluate import target_name
+
+    return [
+        (target_name(t, "concept"), t if "::" in t else f"{folder}::{target_name(t, 'concept')}")
+        for t in targets
+    ]
 
 
 def load_encoders(settings) -> dict:
