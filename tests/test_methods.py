@@ -305,7 +305,7 @@ def test_restart_needs_carried_adversaries():
 
 
 def test_average_from_releases_the_mean_of_the_iterates_after_it(fast_world, tmp_path):
-    model_dir, world = fast_world[1].model_dir, None
+    model_dir = fast_world[1].model_dir
     runs = {}
     for steps, average_from in ((2, None), (3, None), (4, None), (4, 1)):
         config = small_config("imma", hypergradient="first_order", steps=steps, average_from=average_from)

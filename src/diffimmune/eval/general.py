@@ -49,10 +49,11 @@ def target_specs(config, targets: list[str] | None) -> list[tuple[str, str]]:
         return [(own_filter or Path(folder).name, config.data)]
     from diffimmune.eval.evaluate import target_name
 
-    return [
-        (target_name(t, "concept"), t if "::" in t else f"{folder}::{target_name(t, 'concept')}")
-        for t in targets
-    ]
+    specs = []
+    for target in targets:
+        name = target_name(target, "concept")
+        specs.append((name, target if "::" in target else f"{folder}::{name}"))
+    return specs
 
 
 def load_encoders(settings) -> dict:
