@@ -371,3 +371,43 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
     assert immunize_key(projected)["retain_projection"] == 0.9
     worded = projected.model_copy(update={"retain_projection_target_words": True})
     assert immunize_key(worded)["retain_projection_target_words"] is True
+
+
+def test_per_target_attacks_teach_with_the_tokens_the_defence_immunized(fast_world):
+    """`tokens` gives each per-target attack its own placeholder (the ones a defence's `tokens` named);
+    without it every target is taught with the attack's default token. Wrong uses get one line each."""
+    from diffimmune.pipeline import _evaluation_sets
+
+    experiment = tiny_experiment(fast_world[1].model_dir)
+    experiment["targets"] = ["heart", "moon"]
+    experiment["defences"] = {}
+    experiment["attacks"] = {
+        "lora": {"preset": "lora", "steps": 2, "tokens": ["<v1>", "<v2>"]},
+        "dreambooth": {"preset": "dreambooth", "steps": 2},
+    }
+    plan = validate_experiment(experiment)
+    tokens = {attack.name: attack.config.token for attack in plan.attacks}
+    assert tokens == {
+        "lora-heart": "<v1>",
+        "lora-moon": "<v2>",
+        "dreambooth-heart": "sks",
+        "dreambooth-moon": "sks",
+    }
+    lora_moon = next(a for a in plan.attacks if a.name == "lora-moon")
+    sets = _evaluation_sets(plan, lora_moon, plan.experiment.evaluate)
+    assert [key[2] for key in sets if key[0] == "shape=moon"] == ["<v2>"]  # generated with its token
+
+    experiment["attacks"] = {
+        "short": {"preset": "lora", "steps": 2, "tokens": ["<v1>"]},
+        "both": {"preset": "lora", "steps": 2, "token": "sks", "tokens": ["<v1>", "<v2>"]},
+        "pooled": {"method": "lora", "learning_rate": 1e-3, "steps": 2, "tokens": ["<v1>", "<v2>"]},
+        "arrow": {"preset": "lora", "steps": 2, "data": "world:shape=star", "tokens": ["<v1>", "<v2>"]},
+    }
+    with pytest.raises(DiffImmuneError) as caught:
+        validate_experiment(experiment, "exp.yaml")
+    message = str(caught.value)
+    assert "4 error(s)" in message and "\n" not in message
+    assert "attacks.short.tokens: give one placeholder token per target (2)" in message
+    assert "attacks.both.tokens: give either token" in message
+    assert "attacks.pooled.tokens: one token per target needs a per-target attack" in message
+    assert "attacks.arrow.tokens: one token per target needs a per-target attack" in message

@@ -348,7 +348,7 @@ def _section_errors(data: dict) -> list[str]:
         for name, raw in entries.items():
             if not isinstance(raw, dict):
                 continue
-            settings = {k: v for k, v in raw.items() if k not in ("on", "preset", "per_target")}
+            settings = {k: v for k, v in raw.items() if k not in ("on", "preset", "per_target", "tokens")}
             if section == "defences":
                 settings.setdefault("concepts", ["world:shape=x"])
             else:
@@ -368,6 +368,9 @@ def _attack_plans(name, settings, plan: ExperimentPlan, world_attack, errors) ->
     preset = settings.pop("preset", None)
     # A preset teaches a concept with a placeholder token: one attack per target, not one token for all.
     per_target = bool(settings.pop("per_target", preset is not None))
+    # One placeholder token per target (the tokens a defence's `tokens` immunized): without it every
+    # per-target attack teaches its concept with AttackConfig's token (sks).
+    tokens = settings.pop("tokens", None)
     experiment = plan.experiment
     settings.setdefault("seed", experiment.seed)
     benign = (settings.get("method") or preset) == "benign"
@@ -388,9 +391,33 @@ def _attack_plans(name, settings, plan: ExperimentPlan, world_attack, errors) ->
         ]
     else:
         groups = [(name, targets_data, target_filters)]
+    group_tokens: list[str | None] = [None] * len(groups)
+    if tokens is not None:
+        if not per_target or benign or "data" in settings:
+            errors.append(
+                f"{where}.tokens: one token per target needs a per-target attack (a preset, or "
+                "per_target: true, without data)"
+            )
+            return []
+        if "token" in settings:
+            errors.append(f"{where}.tokens: give either token (one for every target) or tokens, not both")
+            return []
+        if (
+            not isinstance(tokens, list)
+            or len(tokens) != len(groups)
+            or not all(isinstance(t, str) and t.strip() for t in tokens)
+        ):
+            errors.append(
+                f"{where}.tokens: give one placeholder token per target ({len(groups)}), "
+                'e.g. ["<v1>", "<v2>"]'
+            )
+            return []
+        group_tokens = list(tokens)
     plans = []
-    for attack_name, specs, eval_targets in groups:
+    for (attack_name, specs, eval_targets), token in zip(groups, group_tokens, strict=True):
         values = dict(settings)
+        if token is not None:
+            values["token"] = token
         if "data" not in values:
             if benign and plan.world is not None:
                 values["data"] = "world:shape!=" + ",".join(plan.target_words)
