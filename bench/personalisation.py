@@ -8,6 +8,7 @@ generations of the two models (same prompts and seeds, world encoder):
 
     python bench/personalisation.py runs/personalisation [--other-attack lora_arrow] [--samples 32]
         [--folder-metrics]
+    python bench/personalisation.py runs/pm --curves   # every attack folder's target detection per step
 
 Detection is read from each attack folder's own evaluation (the pipeline's `eval-<hash>.csv` for the run's
 evaluate settings, `--samples` overriding its count; with `--folder-metrics`, the folder's `metrics.csv`
@@ -76,6 +77,12 @@ def main() -> None:
         "--samples", type=int, help="generations per concept (default: the run's evaluate settings)"
     )
     parser.add_argument("--folder-metrics", action="store_true", help="read each attack folder's metrics.csv")
+    parser.add_argument(
+        "--curves",
+        action="store_true",
+        help="print each attack folder's target detection per saved step and the other shapes' at step 0, "
+        "then stop (no MRSGR: needs no pairs)",
+    )
     args = parser.parse_args()
     from diffimmune.data.sources import world_model_folder
     from diffimmune.eval.encoders import WorldEncoder
@@ -102,8 +109,9 @@ def main() -> None:
             settings,
         )
 
-    def detection(name: str, attack: str) -> dict[int, float]:
-        """The attack's target detection per saved step, from the attack folder's own evaluation."""
+    def detection(name: str, attack: str, kept: list[float] | None = None) -> dict[int, float]:
+        """The attack's target detection per saved step, from the attack folder's own evaluation
+        (`kept`, if given, receives the other concepts' detection at step 0)."""
         folder = folders[(name, attack)]
         config, _ = read_attack(folder)
         concepts = [f"{column}={value}" for column, value in target_concepts(config, None)]
@@ -117,6 +125,12 @@ def main() -> None:
             )
             raise MissingEvaluation(f"error: {path} is missing: {how}")
         rows = read_metrics_csv(path)
+        if kept is not None:
+            kept += [
+                r["value"]
+                for r in rows
+                if r["metric"] == "detection" and r["step"] == 0 and r["concept"] not in concepts
+            ]
         return {
             r["step"]: r["value"] for r in rows if r["metric"] == "detection" and r["concept"] == concepts[0]
         }
@@ -126,6 +140,23 @@ def main() -> None:
         curves = [detection(name, a) for a in attacks]
         return sum(curve[max(curve)] for curve in curves) / len(curves)
 
+    if args.curves:
+        print("| model | attack (token) | target, steps | detection | max | other shapes at step 0 |")
+        print("|---|---|---|---|---|---|")
+        for name, attack in sorted(folders):
+            kept: list[float] = []
+            try:
+                curve = detection(name, attack, kept)
+            except MissingEvaluation:
+                continue
+            config, _ = read_attack(folders[(name, attack)])
+            steps = " / ".join(str(s) for s in sorted(curve))
+            rates = " / ".join(f"{curve[s]:.0%}" for s in sorted(curve))
+            others = f"{sum(kept) / len(kept):.0%}" if kept else "-"
+            print(
+                f"| {name} | {attack} ({config.token}) | {steps} | {rates} | {max(curve.values()):.0%} | {others} |"
+            )
+        return
     other = similarity(args.other_attack)
     print(f"S_other ({args.other_attack}, {args.immunized} vs {args.without}): {other:.3f}\n")
     print(
