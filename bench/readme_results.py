@@ -194,6 +194,7 @@ def main() -> None:
             "Adam LoRA adversaries under the retain projection (E = 0.95), retain weight 10 or 5",
             "under the retain projection at E = 0.9 (seeds 0-2), outer lr 1e-3, LoRA + DreamBooth adversaries",
             "E = 0.9 re-read with 32 generations per target (mean of heart and moon, steps 0 / 50 / 100 / 200 / 400)",
+            "the attacks' token (sks or the defended <v1>, <v2>), ResAlign and GIFT (32 generations, steps 0 / 50 / 100 / 200 / 400)",
         )
         for title, rows in zip(titles, markdown_tables(personalisation.read_text()), strict=False):
             link = "([docs/personalisation](docs/personalisation/README.md))"
