@@ -95,6 +95,60 @@ def main() -> None:
     settings = spec.model_dump()
     targets = [t.partition("=")[2] or t for t in experiment["targets"]]
     folders = attack_folders(args.run)
+
+    def evaluation(name: str, attack: str):
+        """(attack config, its target concepts, the rows of the attack folder's own evaluation)."""
+        folder = folders[(name, attack)]
+        config, _ = read_attack(folder)
+        concepts = [f"{column}={value}" for column, value in target_concepts(config, None)]
+        path = folder / "metrics.csv" if args.folder_metrics else evaluation_file(folder, spec, concepts)
+        if not path.is_file():
+            how = (
+                f"run `diffimmune evaluate --run {folder}` first"
+                if args.folder_metrics
+                else f"run the experiment with {name} attacked at these evaluate settings "
+                f"({spec.samples} samples), or pass --folder-metrics"
+            )
+            raise MissingEvaluation(f"error: {path} is missing: {how}")
+        return config, concepts, read_metrics_csv(path)
+
+    def target_curve(concepts: list[str], rows: list[dict]) -> dict[int, float]:
+        return {
+            r["step"]: r["value"] for r in rows if r["metric"] == "detection" and r["concept"] == concepts[0]
+        }
+
+    def detection(name: str, attack: str) -> dict[int, float]:
+        """The attack's target detection per saved step, from the attack folder's own evaluation."""
+        _, concepts, rows = evaluation(name, attack)
+        return target_curve(concepts, rows)
+
+    def last_rate(name: str, attacks: list[str]) -> float:
+        """Mean over the targets of each target's detection at its own attack's last step."""
+        curves = [detection(name, a) for a in attacks]
+        return sum(curve[max(curve)] for curve in curves) / len(curves)
+
+    if args.curves:  # reads the evaluations only: no model, no encoder
+        print("| model | attack (token) | target, steps | detection | max | other shapes at step 0 |")
+        print("|---|---|---|---|---|---|")
+        for name, attack in sorted(folders):
+            try:
+                config, concepts, rows = evaluation(name, attack)
+            except MissingEvaluation:
+                continue
+            curve = target_curve(concepts, rows)
+            kept = [
+                r["value"]
+                for r in rows
+                if r["metric"] == "detection" and r["step"] == 0 and r["concept"] not in concepts
+            ]
+            steps = " / ".join(str(s) for s in sorted(curve))
+            rates = " / ".join(f"{curve[s]:.0%}" for s in sorted(curve))
+            others = f"{sum(kept) / len(kept):.0%}" if kept else "-"
+            print(
+                f"| {name} | {attack} ({config.token}) | {steps} | {rates} | {max(curve.values()):.0%} | {others} |"
+            )
+        return
+
     model = load_model(read_attack(next(iter(folders.values())))[1], device="cpu")
     world = model_world(model)
     encoder = WorldEncoder(world_model_parts(world_model_folder(model))[1])
@@ -109,54 +163,6 @@ def main() -> None:
             settings,
         )
 
-    def detection(name: str, attack: str, kept: list[float] | None = None) -> dict[int, float]:
-        """The attack's target detection per saved step, from the attack folder's own evaluation
-        (`kept`, if given, receives the other concepts' detection at step 0)."""
-        folder = folders[(name, attack)]
-        config, _ = read_attack(folder)
-        concepts = [f"{column}={value}" for column, value in target_concepts(config, None)]
-        path = folder / "metrics.csv" if args.folder_metrics else evaluation_file(folder, spec, concepts)
-        if not path.is_file():
-            how = (
-                f"run `diffimmune evaluate --run {folder}` first"
-                if args.folder_metrics
-                else f"run the experiment with {name} attacked at these evaluate settings "
-                f"({spec.samples} samples), or pass --folder-metrics"
-            )
-            raise MissingEvaluation(f"error: {path} is missing: {how}")
-        rows = read_metrics_csv(path)
-        if kept is not None:
-            kept += [
-                r["value"]
-                for r in rows
-                if r["metric"] == "detection" and r["step"] == 0 and r["concept"] not in concepts
-            ]
-        return {
-            r["step"]: r["value"] for r in rows if r["metric"] == "detection" and r["concept"] == concepts[0]
-        }
-
-    def last_rate(name: str, attacks: list[str]) -> float:
-        """Mean over the targets of each target's detection at its own attack's last step."""
-        curves = [detection(name, a) for a in attacks]
-        return sum(curve[max(curve)] for curve in curves) / len(curves)
-
-    if args.curves:
-        print("| model | attack (token) | target, steps | detection | max | other shapes at step 0 |")
-        print("|---|---|---|---|---|---|")
-        for name, attack in sorted(folders):
-            kept: list[float] = []
-            try:
-                curve = detection(name, attack, kept)
-            except MissingEvaluation:
-                continue
-            config, _ = read_attack(folders[(name, attack)])
-            steps = " / ".join(str(s) for s in sorted(curve))
-            rates = " / ".join(f"{curve[s]:.0%}" for s in sorted(curve))
-            others = f"{sum(kept) / len(kept):.0%}" if kept else "-"
-            print(
-                f"| {name} | {attack} ({config.token}) | {steps} | {rates} | {max(curve.values()):.0%} | {others} |"
-            )
-        return
     other = similarity(args.other_attack)
     print(f"S_other ({args.other_attack}, {args.immunized} vs {args.without}): {other:.3f}\n")
     print(
