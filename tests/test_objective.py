@@ -11,6 +11,7 @@ from diffimmune.core.objective import (
     diffusion_loss,
     distillation_loss,
     math_attention,
+    second_order,
     with_null_prompts,
 )
 from diffimmune.models.params import select_parameters
@@ -144,6 +145,40 @@ def test_hessian_vector_product_through_the_unet_matches_finite_differences(tiny
     flat_finite = torch.cat([f.flatten() for f in finite])
     assert flat_hvp.norm() > 0
     assert (flat_hvp - flat_finite).norm() / flat_finite.norm() < 1e-6
+
+
+def test_second_order_convolution_keeps_values_and_both_derivatives_and_skips_the_frozen_weight():
+    """Under `second_order` a frozen-weight convolution (strided, dilated, grouped, an odd input the
+    stride does not divide) gives the same output, gradient and second derivative as PyTorch's own, and
+    its double backward runs no weight-gradient convolution; a trainable weight keeps the usual path."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2).double().requires_grad_(False)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+
+    def derivatives():
+        output = conv(x)
+        (grad,) = torch.autograd.grad((torch.tanh(output) * probe).sum(), x, create_graph=True)
+        (second,) = torch.autograd.grad((grad * grad).sum(), x)
+        return output, grad, second
+
+    reference = derivatives()
+    with second_order(), torch.profiler.profile() as profile:
+        lean = derivatives()
+    for ours, theirs in zip(lean, reference, strict=True):
+        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+    assert reference[2].abs().max() > 0
+    names = {event.name for event in profile.events()}
+    assert "aten::_convolution_double_backward" not in names
+    with torch.profiler.profile() as native:
+        derivatives()
+    assert "aten::_convolution_double_backward" in {event.name for event in native.events()}
+    # A trainable weight is not rerouted: it gets its gradient under second_order too.
+    conv.weight.requires_grad_(True)
+    with second_order():
+        (weight_grad,) = torch.autograd.grad(conv(x).sum(), conv.weight)
+    assert weight_grad.abs().sum() > 0
+    assert torch.nn.Conv2d._conv_forward.__qualname__ == "Conv2d._conv_forward"  # restored on exit
 
 
 def test_null_prompt_batch_pairs_each_sample_with_the_empty_prompt(tiny_model):

@@ -11,8 +11,9 @@ Owns the three ways diffimmune differentiates "the loss *after* a fine-tune" w.r
   so the hypergradient solves (I + gamma H) x = g, here by Richardson (truncated Neumann) iterations of
   Hessian-vector products (ResAlign).
 
-Second-order passes (the unrolled inner steps, Hessian-vector products) run under the math attention
-kernel, the only one with a double backward; every other pass keeps the fastest kernel.
+Second-order passes (the unrolled inner steps, Hessian-vector products) run under
+`objective.second_order`: the math attention kernel, the only one with a double backward, and a frozen
+convolution whose double backward skips the weight's term; every other pass keeps the fastest kernels.
 
 Everything works on ``params: dict[str, Tensor]``; an inner step is a pure function
 ``inner_step(params, batch, create_graph=...) -> params``. The solver `richardson_solve` and the
@@ -30,7 +31,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from diffimmune.core.objective import math_attention
+from diffimmune.core.objective import second_order
 from diffimmune.errors import DiffImmuneError
 
 __all__ = [
@@ -174,7 +175,7 @@ def hvp(loss_fn: Callable[[Params], Tensor], params: Params, vector: Params) -> 
     if set(vector) != set(params):
         raise DiffImmuneError("hvp: the vector must have the same names as the parameters")
     leaves = _fresh_leaves(params)
-    with math_attention():  # differentiated twice: the one pass that needs the math kernel
+    with second_order():  # differentiated twice: the one pass that needs the second-order kernels
         grads = _grad(loss_fn(leaves), leaves, create_graph=True)
         names = [name for name in leaves if grads[name].requires_grad]
         if not names:
@@ -263,9 +264,9 @@ def hypergradient(
             else value.detach()
             for name, value in params.items()
         }
-        # The inner steps are differentiated twice and need the math attention kernel; the upper loss
-        # only once, so it keeps the fastest kernel.
-        with math_attention():
+        # The inner steps are differentiated twice and need the second-order kernels; the upper loss
+        # only once, so it keeps the fastest ones.
+        with second_order():
             adapted = adapt(sources, inner_step, inner_batches, create_graph=True)
         loss = outer_loss(adapted, outer_batch)
         grads = _grad(loss, {n: v for n, v in sources.items() if n in chosen}, create_graph=False)

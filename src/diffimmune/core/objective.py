@@ -54,6 +54,68 @@ def math_attention():
         yield
 
 
+@contextlib.contextmanager
+def second_order():
+    """The kernels of a pass whose gradient is differentiated again (unrolled inner steps, HVPs): the math
+    attention kernel (`math_attention`), and a convolution with a frozen weight whose backward is a
+    transposed convolution (`_FrozenWeightConv`). PyTorch's own double backward of a convolution computes
+    the weight's second-order gradient even when the weight is frozen (one weight-gradient convolution per
+    layer, often with a kernel the size of the image), which no hypergradient here reads. Same values,
+    same derivatives; only the work differs."""
+    from torch import nn
+
+    original = nn.Conv2d._conv_forward
+
+    def conv_forward(module, input, weight, bias):
+        if (
+            module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+            and torch.is_grad_enabled()
+            and input.requires_grad
+            and not weight.requires_grad
+            and (bias is None or not bias.requires_grad)
+        ):
+            stride, padding, dilation = module.stride, module.padding, module.dilation
+            return _FrozenWeightConv.apply(input, weight, bias, stride, padding, dilation, module.groups)
+        return original(module, input, weight, bias)
+
+    with math_attention():
+        nn.Conv2d._conv_forward = conv_forward
+        try:
+            yield
+        finally:
+            nn.Conv2d._conv_forward = original
+
+
+class _FrozenWeightConv(torch.autograd.Function):
+    """conv2d(x, W, b) for a W and b that take no gradient. Its backward, the input's gradient, is the
+    transposed convolution of the output's gradient, written with differentiable operations, so that
+    differentiating it again (w.r.t. the output's gradient) is one convolution and nothing for W."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
+        output = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(weight)
+        kernel = weight.shape[2:]
+        # The rows and columns a strided convolution drops: the transposed one must put them back.
+        ctx.output_padding = tuple(
+            input.shape[2 + i]
+            - ((output.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1)
+            for i in range(2)
+        )
+        ctx.settings = (stride, padding, dilation, groups)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.settings
+        grad_input = torch.nn.functional.conv_transpose2d(
+            grad_output, weight, None, stride, padding, ctx.output_padding, groups, dilation
+        )
+        return grad_input, None, None, None, None, None, None
+
+
 def sample_noise_and_timesteps(model, batch: Batch, generator: torch.Generator | None):
     """Draw eps and t on the CPU from `generator` (device-independent), unless the batch fixes them."""
     x0 = batch.x0

@@ -66,8 +66,8 @@ from diffimmune.core.objective import (
     diffusion_loss,
     distillation_loss,
     esd_target,
-    math_attention,
     sample_noise_and_timesteps,
+    second_order,
     with_null_prompts,
 )
 from diffimmune.core.projection import RetainProjection
@@ -242,7 +242,7 @@ def moreau_surrogate(
             list(inner_batches)[-implicit.hessian_batches :] if implicit.hessian_batches else inner_batches
         )
         leaves = {n: v.detach().requires_grad_(True) for n, v in adapted.items()}
-        with math_attention():  # this gradient is differentiated again (the fused kernels cannot be)
+        with second_order():  # this gradient is differentiated again (the fused kernels cannot be)
             loss = sum(inner_loss(leaves, released, batch) for batch in chosen) / len(chosen)
             names = list(leaves)
             grads = torch.autograd.grad(
