@@ -234,7 +234,7 @@ def test_run_takes_a_subset_of_the_files_defences_and_attacks(fast_world, tmp_pa
     assert keys(plan) < keys(load_experiment(path))
 
 
-def test_runs_of_subsets_into_one_folder_keep_every_row_done_in_its_report(fast_world, tmp_path):
+def test_runs_of_subsets_into_one_folder_keep_every_row_done_in_its_report(fast_world, tmp_path, monkeypatch):
     experiment = tiny_experiment(fast_world[1].model_dir)
     # imma_b immunizes the erased model with the anchor made from the model before the erasure ("base")
     anchored = {"anchor_weight": 1.0, "anchor_reference": "base", "retain_sampler_steps": 2}
@@ -253,10 +253,25 @@ def test_runs_of_subsets_into_one_folder_keep_every_row_done_in_its_report(fast_
     )
     assert first.exit_code == 0, first.output
     assert models_in_metrics() == {("uce", "lora"), ("imma", "lora")}
+    # The file is edited while the second subset runs (here: broken, after its stages): the run combines
+    # its files from the file as it read it at the start.
+    import diffimmune.cli
+
+    run_plan = diffimmune.cli._run_plan
+    original_text = path.read_text()
+
+    def run_then_edit(*args, **kwargs):
+        result = run_plan(*args, **kwargs)
+        path.write_text(original_text.replace("steps: 2", "stepz: 2"))
+        return result
+
+    monkeypatch.setattr(diffimmune.cli, "_run_plan", run_then_edit)
     second = runner.invoke(
         app, ["run", str(path), "--out", str(out), "--defences", "imma_b", "--attacks", "lora"]
     )
     assert second.exit_code == 0, second.output
+    monkeypatch.setattr(diffimmune.cli, "_run_plan", run_plan)
+    path.write_text(original_text)
     # the second subset's files keep the first's rows (done, cached); lora_fast never ran, so it is absent
     assert models_in_metrics() == {("uce", "lora"), ("imma", "lora"), ("imma_b", "lora")}
     assert set(json.loads((out / "experiment.json").read_text())["defences"]) == {"imma", "imma_b"}
@@ -284,6 +299,15 @@ def test_run_refuses_a_name_the_file_does_not_have(fast_world, tmp_path):
     assert "Traceback" not in result.output
     with pytest.raises(DiffImmuneError, match="known: lora, lora_fast"):
         load_experiment(path, None, ["lora2"])
+    # An error in an entry the subset leaves out stops the run before any stage (its combined files are
+    # written from the whole file).
+    experiment = tiny_experiment(fast_world[1].model_dir)
+    experiment["attacks"]["lora_fast"]["learning_rat"] = 1e-2
+    path.write_text(yaml.safe_dump(experiment))
+    result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "--attacks", "lora"])
+    assert result.exit_code == 2
+    assert "attacks.lora_fast.learning_rat" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
     with pytest.raises(DiffImmuneError, match="--attacks is empty"):
         load_experiment(path, None, [])
 

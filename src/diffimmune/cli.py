@@ -731,23 +731,23 @@ def run(
     ] = None,
 ):
     """Run an experiment: erase -> immunize -> attack sweep -> evaluate -> report, each stage cached."""
-    from diffimmune.pipeline import load_experiment
+    from diffimmune.pipeline import load_run
 
     def names(value: str | None) -> list[str] | None:
         return None if value is None else split_list(value)
 
-    plan = load_experiment(experiment, names(defences), names(attacks))
+    plan, whole = load_run(experiment, names(defences), names(attacks))
     out = out or Path("runs") / plan.experiment.name
     result = _run_plan(plan, out, dry_run)
     if result is None:
         return
     if defences is not None or attacks is not None:
         # The run's combined files (experiment.json, metrics.csv, the report) keep every row of the file
-        # done so far, not only the subset: re-read the whole file, running nothing.
+        # done so far, not only the subset: the whole file as read at the start, running nothing.
         from diffimmune.pipeline import combine_run
 
         seconds = result.seconds
-        result = combine_run(experiment, out)
+        result = combine_run(whole, out)
         result.seconds += seconds
     console.print(f"report: {result.report} ({result.seconds / 60:.1f} min)", highlight=False)
 

@@ -32,6 +32,7 @@ hash: only that attack and its evaluation run again.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -151,6 +152,19 @@ def load_experiment(
     """The experiment of a file; `defences` / `attacks` keep only those of its entries (by name)."""
     data = select_experiment(read_config_file(path, "experiment file"), defences, attacks, str(path))
     return validate_experiment(data, str(path))
+
+
+def load_run(
+    path: str | Path, defences: list[str] | None = None, attacks: list[str] | None = None
+) -> tuple[ExperimentPlan, ExperimentPlan]:
+    """(the subset to run, the whole file) from one reading of the experiment file. A run combines its
+    files from the whole file as it read it at the start, so an edit to the file while the run goes on
+    changes nothing in it; and an error anywhere in the file stops the run before any stage, not at the
+    end."""
+    data = read_config_file(path, "experiment file")
+    whole = validate_experiment(copy.deepcopy(data), str(path))
+    chosen = select_experiment(copy.deepcopy(data), defences, attacks, str(path))
+    return validate_experiment(chosen, str(path)), whole
 
 
 def select_experiment(
@@ -644,18 +658,20 @@ def resolve_model(model: str, log: Callable[[str], None]) -> str:
 COMBINE_LOCK = ".combine.lock"
 
 
-def combine_run(path: str | Path, run_dir: str | Path, timeout: float = -1) -> ExperimentResult:
-    """Rewrite a run's combined files from every stage of the experiment file at `path` already done,
-    running nothing (after `diffimmune run --defences/--attacks`). Two subset runs finishing together each
-    do this; the lock makes the second read the stages after the first has written, so neither's rows are
+def combine_run(
+    experiment: ExperimentPlan | str | Path, run_dir: str | Path, timeout: float = -1
+) -> ExperimentResult:
+    """Rewrite a run's combined files from every stage of the experiment already done, running nothing
+    (after `diffimmune run --defences/--attacks`). `experiment`: the whole file's plan (as `load_run` read
+    it when the run started), or the file's path, read now. Two subset runs finishing together each do
+    this; the lock makes the second read the stages after the first has written, so neither's rows are
     lost (`timeout`: seconds to wait for it, -1 for as long as it takes)."""
     from filelock import FileLock
 
+    plan = experiment if isinstance(experiment, ExperimentPlan) else load_experiment(experiment)
     run_dir = ensure_writable_folder(run_dir, "run folder")
     with FileLock(str(run_dir / COMBINE_LOCK), timeout=timeout):
-        return run_experiment(
-            load_experiment(path), run_dir, progress=False, log=lambda m: None, cached_only=True
-        )
+        return run_experiment(plan, run_dir, progress=False, log=lambda m: None, cached_only=True)
 
 
 def run_experiment(
