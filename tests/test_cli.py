@@ -37,6 +37,24 @@ def test_help_lists_the_commands():
     assert "generate" in result.output and "info" in result.output
 
 
+def test_threads_option_pins_torch_and_refuses_zero(tiny_sd_dir, monkeypatch):
+    threads = torch.get_num_threads()
+    wanted = 1 if threads != 1 else 2
+    try:
+        result = runner.invoke(app, ["--threads", str(wanted), "info", str(tiny_sd_dir)])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == wanted
+        torch.set_num_threads(threads)
+        monkeypatch.setenv("DIFFIMMUNE_THREADS", str(wanted))
+        assert runner.invoke(app, ["info", str(tiny_sd_dir)]).exit_code == 0
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(threads)
+    result = runner.invoke(app, ["--threads", "0", "info", str(tiny_sd_dir)])
+    assert result.exit_code == 2
+    assert "--threads must be >= 1" in result.output and "Traceback" not in result.output
+
+
 def test_generate_writes_a_grid_with_a_row_per_prompt(tiny_sd_dir, tmp_path):
     out = tmp_path / "grids" / "grid.png"
     result = invoke(

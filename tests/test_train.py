@@ -71,6 +71,29 @@ def test_killed_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tiny_
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_resume_at_another_thread_count_says_its_numbers_can_differ(tiny_sd_dir, data, tmp_path, caplog):
+    threads = torch.get_num_threads()
+    with pytest.raises(Killed):
+        run(tiny_sd_dir, data, tmp_path / "killed", kill_at=3)
+    state = json.loads((tmp_path / "killed/checkpoints/step-00000002/state.json").read_text())
+    assert state["threads"] == threads
+    torch.set_num_threads(threads + 1)
+    try:
+        with caplog.at_level("WARNING", logger="diffimmune.core.train"):
+            run(tiny_sd_dir, data, tmp_path / "killed", resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    (warning,) = [r.getMessage() for r in caplog.records if "CPU threads" in r.getMessage()]
+    assert f"written with {threads} CPU threads and this run uses {threads + 1}" in warning
+    assert f"--threads {threads}" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffimmune.core.train"):  # the same count: nothing to say
+        with pytest.raises(Killed):
+            run(tiny_sd_dir, data, tmp_path / "again", kill_at=3)
+        run(tiny_sd_dir, data, tmp_path / "again", resume=True)
+    assert not [r for r in caplog.records if "CPU threads" in r.getMessage()]
+
+
 def test_resume_without_checkpoint_starts_from_scratch_and_matches(tiny_sd_dir, data, tmp_path):
     fresh = run(tiny_sd_dir, data, tmp_path / "a")
     resumed = run(tiny_sd_dir, data, tmp_path / "b", resume=True)

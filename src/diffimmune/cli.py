@@ -28,6 +28,28 @@ console = Console()
 error_console = Console(stderr=True)
 
 
+@app.callback()
+def global_options(
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            envvar="DIFFIMMUNE_THREADS",
+            help="CPU threads for torch (default: torch's own, one per core). On the CPU, float sums depend "
+            "on the thread count: the same config and seed give the same numbers at the same count",
+        ),
+    ] = None,
+):
+    """Immunize text-to-image diffusion models against malicious fine-tuning, and measure how well it holds."""
+    if threads is not None:
+        if threads < 1:
+            error_console.print(f"[bold red]error:[/] --threads must be >= 1, got {threads}", highlight=False)
+            raise typer.Exit(2)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def user_errors(function):
     """Turn a DiffImmuneError into `error: <message>` and exit code 2; Ctrl-C into exit 130."""
 

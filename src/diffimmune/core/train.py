@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -25,6 +26,8 @@ from torch import Tensor
 from diffimmune.config import TrainConfig
 from diffimmune.errors import DiffImmuneError
 from diffimmune.files import ensure_writable_folder, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest.json"
@@ -138,6 +141,9 @@ def save_checkpoint(
         "optimizer": optimizer_rest,
         "lr_schedule": lr_schedule.state_dict(),
         "saved_at": time.time(),
+        # CPU float sums depend on how many threads split them: a resume matches an uninterrupted run to
+        # the bit only at the same count (`load_checkpoint` warns otherwise).
+        "threads": torch.get_num_threads(),
     }
     (temporary / "state.json").write_text(json.dumps(state, indent=2, default=float))
     final = root / name
@@ -170,6 +176,17 @@ def load_checkpoint(folder: Path, params: dict[str, Tensor], optimizer, lr_sched
     tensors = load_file(str(folder / "optimizer.safetensors"))
     optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["optimizer"]))
     lr_schedule.load_state_dict(state["lr_schedule"])
+    saved_threads, threads = state.get("threads"), torch.get_num_threads()
+    if saved_threads is not None and saved_threads != threads:
+        logger.warning(
+            "checkpoint %s was written with %d CPU threads and this run uses %d: on the CPU its numbers "
+            "can differ in the last digits from a run that was never interrupted; pass --threads %d to "
+            "match it",
+            folder,
+            saved_threads,
+            threads,
+            saved_threads,
+        )
     return int(state["step"])
 
 
