@@ -435,3 +435,22 @@ def test_per_target_attacks_teach_with_the_tokens_the_defence_immunized(fast_wor
     assert "attacks.both.tokens: give either token" in message
     assert "attacks.pooled.tokens: one token per target needs a per-target attack" in message
     assert "attacks.arrow.tokens: one token per target needs a per-target attack" in message
+
+    # A placeholder the world's word-level tokenizer lacks (it would read as <unk>) is refused when the
+    # file is read, for a defence and for an attack that prompts with its token; one whose prompts are
+    # the captions (full fine-tuning) does not use its token.
+    prompt = "a {colour} {token} in {style} style"
+    experiment["defences"] = {
+        "imma": {"method": "imma", "steps": 1, "prompt": prompt, "tokens": ["<v1>", "<v9>"]}
+    }
+    experiment["attacks"] = {
+        "lora": {"preset": "lora", "steps": 2, "tokens": ["<v1>", "<heart>"]},
+        "full": {"preset": "full", "steps": 2, "token": "<unused>"},
+    }
+    with pytest.raises(DiffImmuneError) as caught:
+        validate_experiment(experiment, "exp.yaml")
+    message = str(caught.value)
+    assert "2 error(s)" in message and "\n" not in message
+    assert "defences.imma.tokens: the token '<v9>' is not a word of the model's tokenizer" in message
+    assert "attacks.lora-moon: the token '<heart>' is not a word" in message
+    assert "use one of its spare tokens (<v1>, <v2>, <v3>, <v4>, sks)" in message

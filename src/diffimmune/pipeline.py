@@ -217,6 +217,52 @@ def _world_of(model: str):
     return WorldConfig.model_validate_json((folder / "diffimmune" / "world.json").read_text())
 
 
+def _word_vocabulary(model: str) -> set[str] | None:
+    """The words a world model's word-level tokenizer knows, read without loading the model (a world
+    preset's spare tokens and factor values; a world folder's tokenizer.json); None for any other model,
+    whose tokenizer is checked when a stage loads it (a BPE tokenizer splits any placeholder into pieces,
+    a word-level one turns an unknown word into <unk> without a word)."""
+    import json
+
+    from diffimmune.data.sources import world_factors, world_folder_of
+    from diffimmune.models.tiny import SPECIAL_TOKENS
+
+    if model == WORLD_MODEL or model.startswith(WORLD_MODEL + ":"):
+        from diffimmune.recipes.world_build import preset_config
+
+        config = preset_config(model.partition(":")[2] or "default")
+        factors = world_factors(config.world)
+        return set(config.pretrain.model.spare_tokens) | {v for values in factors.values() for v in values}
+    folder = world_folder_of(model)
+    file = None if folder is None else folder / "tokenizer" / "tokenizer.json"
+    if file is None or not file.is_file():
+        return None
+    vocabulary = json.loads(file.read_text()).get("model", {}).get("vocab")
+    return set(vocabulary) - set(SPECIAL_TOKENS) if isinstance(vocabulary, dict) else None
+
+
+def _check_tokens(plan: ExperimentPlan, errors: list[str]) -> None:
+    """Every placeholder a defence immunizes or an attack teaches is one word of a world model's tokenizer
+    (an unknown one would read as <unk> and teach nothing under its name)."""
+    vocabulary = _word_vocabulary(plan.experiment.model)
+    if vocabulary is None:
+        return
+    spare = sorted(t for t in vocabulary if t == "sks" or t.startswith("<"))
+    hint = f"use one of its spare tokens ({', '.join(spare)})" if spare else "use a word it has"
+    used = [
+        (f"defences.{name}.tokens", token) for name, c in plan.defences.items() for token in c.tokens or []
+    ]
+    used += [
+        (f"attacks.{attack.name}", attack.config.token)  # a per-target attack's name ends in its target
+        for attack in plan.attacks
+        if "{token}" in (attack.config.prompt or "")
+        or attack.config.method in ("textual_inversion", "custom_diffusion")
+    ]
+    for where, token in dict.fromkeys(used):
+        if token not in vocabulary:
+            errors.append(f"{where}: the token '{token}' is not a word of the model's tokenizer; {hint}")
+
+
 def _check_data(spec: str, world, where: str, errors: list[str]) -> None:
     """A data string must name concepts the data has and folders that exist."""
     from diffimmune.data.sources import parse_filter, world_factors
@@ -327,6 +373,7 @@ def validate_experiment(data: dict, source: str = "experiment") -> ExperimentPla
         if name not in models:
             errors.append(f"attack_models.{index}: '{name}' is not a model here; known: {', '.join(models)}")
     plan.attack_models = list(chosen)
+    _check_tokens(plan, errors)
     _check_evaluate(experiment.evaluate, world, errors)
     if errors:
         raise DiffImmuneError(f"{source}: {len(errors)} error(s): " + "; ".join(errors))
