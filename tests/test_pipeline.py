@@ -288,6 +288,12 @@ def test_runs_of_subsets_into_one_folder_keep_every_row_done_in_its_report(fast_
     (out / "metrics.csv").unlink()
     combine_run(path, out, timeout=0.2)
     assert models_in_metrics() == {("uce", "lora"), ("imma", "lora"), ("imma_b", "lora")}
+    # The release gate reads the run's models by their names in the file, the erased one as reference.
+    from diffimmune.eval.gate import gate_run
+
+    gated = gate_run(out, "lora")
+    assert [row.model for row in gated.rows] == ["erased", "imma", "imma_b"]
+    assert all(row.steps == [0, 2, 4] and row.kept is not None for row in gated.rows)
 
 
 def test_run_refuses_a_name_the_file_does_not_have(fast_world, tmp_path):
