@@ -18,6 +18,8 @@ from diffimmune.eval.evaluate import read_metrics_csv, target_concepts
 from diffimmune.pipeline import (
     COMBINE_LOCK,
     DEMO_EXPERIMENT,
+    STAGE_FILE,
+    Stage,
     build_stages,
     combine_run,
     evaluation_file,
@@ -294,6 +296,45 @@ def test_runs_of_subsets_into_one_folder_keep_every_row_done_in_its_report(fast_
     gated = gate_run(out, "lora")
     assert [row.model for row in gated.rows] == ["erased", "imma", "imma_b"]
     assert all(row.steps == [0, 2, 4] and row.kept is not None for row in gated.rows)
+
+
+def test_a_stage_another_run_is_working_on_is_waited_for_and_not_done_twice(tmp_path):
+    """Two runs into one folder: the second reaches a stage while the first holds it, waits, and then finds
+    it done instead of training into the same folder."""
+    import threading
+    import time
+
+    stage = Stage(
+        "attack", "erased / lora", tmp_path / "attacks" / "erased-1a" / "lora", "1a", training_steps=4
+    )
+    locks = tmp_path / ".locks"
+    events = []
+
+    def first():
+        with stage.claimed(locks) as todo:
+            events.append(("first", todo))
+            time.sleep(0.5)
+            stage.folder.mkdir(parents=True)
+            (stage.folder / STAGE_FILE).write_text(json.dumps({"key": stage.key}))
+            events.append(("first done", time.monotonic()))
+
+    def second():
+        with stage.claimed(locks) as todo:
+            events.append(("second", todo, time.monotonic()))
+
+    one = threading.Thread(target=first)
+    one.start()
+    time.sleep(0.1)
+    two = threading.Thread(target=second)
+    two.start()
+    one.join()
+    two.join()
+    assert events[0] == ("first", True)
+    first_done = events[1][1]
+    (_, todo, entered) = events[2]
+    assert todo is False and entered >= first_done
+    with stage.claimed(locks) as todo:  # done: nothing to claim
+        assert todo is False
 
 
 def test_run_refuses_a_name_the_file_does_not_have(fast_world, tmp_path):

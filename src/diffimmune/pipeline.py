@@ -32,6 +32,7 @@ hash: only that attack and its evaluation run again.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -582,6 +583,20 @@ class Stage:
         record = self.folder / STAGE_FILE
         return record.is_file() and json.loads(record.read_text()).get("key") == self.key
 
+    @contextlib.contextmanager
+    def claimed(self, locks: Path):
+        """Yields whether this stage is still to run, holding its lock (in the folder `locks`) while it
+        runs: two runs into one folder (subsets of a file, or two files sharing stages) never work on the
+        same stage at once; the second waits for the first and then finds the stage done."""
+        if self.done:
+            yield False
+            return
+        from filelock import FileLock
+
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(locks / f"{self.kind}-{self.key}.lock")):
+            yield not self.done
+
 
 def build_stages(plan: ExperimentPlan, run_dir: Path) -> list[Stage]:
     """Every stage of the experiment, in order, with its folder and hash (nothing is run)."""
@@ -703,6 +718,8 @@ def resolve_model(model: str, log: Callable[[str], None]) -> str:
 
 # Held while a run's combined files (experiment.json, metrics.csv, the report) are rewritten from its stages.
 COMBINE_LOCK = ".combine.lock"
+# Where a run holds the lock of each stage it is working on (`Stage.claimed`).
+LOCKS = ".locks"
 
 
 def combine_run(
@@ -772,6 +789,7 @@ def run_experiment(
     plans_by_name = {f"{m} / {a.name}": a for m in plan.attack_models for a in plan.attacks}
     # cached_only: the attack folders whose evaluation is done (no other run reads this)
     evaluated = {s.folder.parent for s in stages if s.kind == "evaluate" and s.done} if cached_only else set()
+    locks = run_dir / LOCKS
     for stage in stages:
         started = time.perf_counter()
         if cached_only and stage.kind != "report" and not (stage.done and stage.model in sources):
@@ -779,61 +797,65 @@ def run_experiment(
         if cached_only and stage.kind == "attack" and stage.folder not in evaluated:
             continue  # trained, not yet evaluated: its row would be empty
         if stage.kind == "erase":
-            if not stage.done:
-                log(f"erase: {experiment.erase.method} on {', '.join(plan.target_words)}")
-                _erase(plan, load_model(sources[BASE], **load_options), stage.folder, progress)
-                finish(stage, started)
+            with stage.claimed(locks) as todo:
+                if todo:
+                    log(f"erase: {experiment.erase.method} on {', '.join(plan.target_words)}")
+                    _erase(plan, load_model(sources[BASE], **load_options), stage.folder, progress)
+                    finish(stage, started)
             sources[ERASED] = str(stage.folder.resolve())
         elif stage.kind == "immunize":
-            if not stage.done:
-                log(
-                    f"immunize: {stage.name} ({plan.defences[stage.name].method}, {stage.training_steps} steps)"
-                )
-                model = load_model(sources[stage.model], **load_options)
-                config = plan.defences[stage.name]
-                if config.anchor_reference == BASE:  # the experiment's model, before the erasure
-                    config = config.model_copy(update={"anchor_reference": sources[BASE]})
-                immunize(
-                    model,
-                    config,
-                    stage.folder,
-                    resume=True,
-                    progress=progress,
-                    world=model_world(model),
-                    log=log,
-                )
-                finish(stage, started)
+            with stage.claimed(locks) as todo:
+                if todo:
+                    log(
+                        f"immunize: {stage.name} ({plan.defences[stage.name].method}, {stage.training_steps} steps)"
+                    )
+                    model = load_model(sources[stage.model], **load_options)
+                    config = plan.defences[stage.name]
+                    if config.anchor_reference == BASE:  # the experiment's model, before the erasure
+                        config = config.model_copy(update={"anchor_reference": sources[BASE]})
+                    immunize(
+                        model,
+                        config,
+                        stage.folder,
+                        resume=True,
+                        progress=progress,
+                        world=model_world(model),
+                        log=log,
+                    )
+                    finish(stage, started)
             sources[stage.name] = str((stage.folder / "delta").resolve())
         elif stage.kind == "attack":
             attack = plans_by_name[stage.name]
-            if not stage.done:
-                log(f"attack: {stage.name} ({attack.config.method}, {attack.config.steps} steps)")
-                model = load_model(sources[stage.model], **load_options)
-                run_attack(
-                    model,
-                    attack.config,
-                    stage.folder,
-                    resume=True,
-                    progress=progress,
-                    world=model_world(model),
-                )
-                finish(stage, started)
+            with stage.claimed(locks) as todo:
+                if todo:
+                    log(f"attack: {stage.name} ({attack.config.method}, {attack.config.steps} steps)")
+                    model = load_model(sources[stage.model], **load_options)
+                    run_attack(
+                        model,
+                        attack.config,
+                        stage.folder,
+                        resume=True,
+                        progress=progress,
+                        world=model_world(model),
+                    )
+                    finish(stage, started)
             attack_dirs.append(stage.folder)
         elif stage.kind == "evaluate":
             attack = plans_by_name[stage.name]
-            if not stage.done:
-                log(f"evaluate: {stage.name}")
-                found = evaluate_attack(
-                    stage.folder.parent,
-                    eval_settings,
-                    attack.targets,
-                    log=log,
-                    shared_samples=run_dir / SHARED_SAMPLES,
-                )
-                for row in found:
-                    row["attack"] = attack.name
-                write_metrics_csv(found, stage.folder)
-                executed.append(f"evaluate:{stage.name}")
+            with stage.claimed(locks) as todo:
+                if todo:
+                    log(f"evaluate: {stage.name}")
+                    found = evaluate_attack(
+                        stage.folder.parent,
+                        eval_settings,
+                        attack.targets,
+                        log=log,
+                        shared_samples=run_dir / SHARED_SAMPLES,
+                    )
+                    for row in found:
+                        row["attack"] = attack.name
+                    write_metrics_csv(found, stage.folder)
+                    executed.append(f"evaluate:{stage.name}")
             # The model column names the model as this run knows it (a moved or copied run folder
             # keeps its cached evaluations).
             rows += [{**row, "model": sources[stage.model]} for row in read_metrics_csv(stage.folder)]
