@@ -116,3 +116,30 @@ def test_gate_bad_input_is_one_line(tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_gate_reads_the_other_concepts_from_an_evaluation_of_the_released_models(tmp_path):
+    """`--retention`: the kept concepts come from `diffimmune evaluate --model` (every kept shape, before any
+    attack) instead of the attacks' step 0; a model it did not read is a one-line error."""
+    run = make_run(tmp_path, CURVES, KEPT)
+    folders = {"erased": run / "erase" / "uce-1a2b"}
+    folders |= {m: run / "immunize" / f"{m}-9f8e" / "delta" for m in CURVES if m != "erased"}
+    kept = {"erased": 0.62, "holds": 0.50, "best": 0.60, "leaks": 0.62, "forgets": 0.61}
+    rows = [
+        {"model": str(folders[m]), "attack": "-", "step": 0, "metric": "detection", "concept": c, "value": v}
+        for m, value in kept.items()
+        for c, v in [("shape=circle", value), ("shape=ring", value), ("shape=star", 0.0)]
+    ]
+    path = write_metrics_csv(rows, tmp_path / "release" / "metrics.csv")
+    result = gate_run(run, "lr", retention=path)
+    verdicts = {row.model: row.passes for row in result.rows[1:]}
+    assert verdicts == {
+        "holds": False,
+        "best": True,
+        "leaks": False,
+        "forgets": True,
+    }  # 12 points lost; 1 kept
+    assert result.chosen == "forgets"  # it holds both targets at 0%
+    write_metrics_csv([r for r in rows if "best" not in r["model"]], path)
+    answer = runner.invoke(app, ["gate", str(run), "--attack", "lr", "--retention", str(path)])
+    assert answer.exit_code == 2 and "has no reading of best" in answer.output

@@ -300,6 +300,14 @@ def gate(
         str | None,
         typer.Option("--reference", help="the model retention is read against (default: erased, else base)"),
     ] = None,
+    retention: Annotated[
+        Path | None,
+        typer.Option(
+            "--retention",
+            help="metrics.csv of `diffimmune evaluate --model` on the run's models, read for the other concepts "
+            "instead of the attacks' step 0",
+        ),
+    ] = None,
 ):
     """The release gate: which immunized models of a run hold an attack at every saved step and keep the
     other concepts, and which one to release (writes RUN/gate-ATTACK.json; exit 1 when none passes)."""
@@ -307,7 +315,7 @@ def gate(
 
     if not 0 <= max_target <= 100:
         raise DiffImmuneError(f"--max-target is a percentage between 0 and 100, got {max_target}")
-    result = gate_run(run, attack, max_target / 100, max_drop, worst_target, reference)
+    result = gate_run(run, attack, max_target / 100, max_drop, worst_target, reference, retention)
     reading = "worst target" if worst_target else "mean over targets"
     table = Table(title=f"{run}: attack {attack}, targets {', '.join(result.targets)}")
     for column in (

@@ -81,9 +81,12 @@ def gate_run(
     max_drop: float = 5.0,
     worst_target: bool = False,
     reference: str | None = None,
+    retention: str | Path | None = None,
 ) -> GateResult:
     """The gate for `attack` (a name of the run's attacks section: per-target attacks NAME-<target> are read
-    together) over every model the run attacked with it. Rates are fractions; `max_drop` is in points."""
+    together) over every model the run attacked with it. Rates are fractions; `max_drop` is in points.
+    `retention`: a metrics.csv of `diffimmune evaluate --model ...` on the run's models, read for the other
+    concepts instead of the attacks' step 0 (a run may read only one other concept per step)."""
     from diffimmune.eval.evaluate import SAFE_CONCEPT, read_metrics_csv
 
     run_dir = Path(run_dir)
@@ -120,6 +123,16 @@ def gate_run(
         )
     defences = [m for m in experiment.get("defences", {}) if m in models and m != reference]
     rows = [_row(m, series, wanted, SAFE_CONCEPT) for m in [reference, *defences]]
+    if retention is not None:
+        kept = _retention(Path(retention), run_dir, wanted, SAFE_CONCEPT)
+        missing = [row.model for row in rows if row.model not in kept]
+        if missing:
+            raise DiffImmuneError(
+                f"{retention} has no reading of {', '.join(missing)}; evaluate them with "
+                "`diffimmune evaluate --model ... --other-concepts N --out DIR` and pass DIR/metrics.csv"
+            )
+        for row in rows:
+            row.kept = kept[row.model]
     reference_kept = rows[0].kept
     for row in rows:
         curve = row.worst_detection if worst_target else row.mean_detection
@@ -165,6 +178,22 @@ def _row(model: str, series: dict, wanted: set[str], safe_concept: str) -> GateR
     ]
     kept = sum(others) / len(others) if others else None
     return GateRow(model, steps, mean, worst, kept, None, False, False)
+
+
+def _retention(path: Path, run_dir: Path, wanted: set[str], safe_concept: str) -> dict[str, float]:
+    """Each model's mean detection of the concepts other than the targets in a metrics.csv of `diffimmune
+    evaluate --model` (the models as they are, before any attack)."""
+    from diffimmune.eval.evaluate import read_metrics_csv
+
+    if not path.is_file():
+        raise DiffImmuneError(
+            f"--retention {path} does not exist; give the metrics.csv of `diffimmune evaluate --model`"
+        )
+    values: dict[str, list[float]] = defaultdict(list)
+    for row in read_metrics_csv(path):
+        if row["metric"] == "detection" and row["concept"] not in wanted and row["concept"] != safe_concept:
+            values[model_name(row["model"], run_dir)].append(row["value"])
+    return {model: sum(v) / len(v) for model, v in values.items()}
 
 
 def _mean(values: list[float]) -> float:
