@@ -444,6 +444,15 @@ def test_a_later_immunize_field_at_its_old_value_leaves_cached_stage_hashes_alon
     assert immunize_key(worded)["retain_projection_target_words"] is True
 
 
+def one_line_errors(experiment: dict, count: int) -> str:
+    """The validation error of an experiment that has `count` problems, checked to be one line."""
+    with pytest.raises(DiffImmuneError) as caught:
+        validate_experiment(experiment, "exp.yaml")
+    message = str(caught.value)
+    assert f"{count} error(s)" in message and "\n" not in message
+    return message
+
+
 def test_per_target_attacks_teach_with_the_tokens_the_defence_immunized(fast_world):
     """`tokens` gives each per-target attack its own placeholder (the ones a defence's `tokens` named);
     without it every target is taught with the attack's default token. Wrong uses get one line each."""
@@ -474,10 +483,7 @@ def test_per_target_attacks_teach_with_the_tokens_the_defence_immunized(fast_wor
         "pooled": {"method": "lora", "learning_rate": 1e-3, "steps": 2, "tokens": ["<v1>", "<v2>"]},
         "arrow": {"preset": "lora", "steps": 2, "data": "world:shape=star", "tokens": ["<v1>", "<v2>"]},
     }
-    with pytest.raises(DiffImmuneError) as caught:
-        validate_experiment(experiment, "exp.yaml")
-    message = str(caught.value)
-    assert "4 error(s)" in message and "\n" not in message
+    message = one_line_errors(experiment, 4)
     assert "attacks.short.tokens: give one placeholder token per target (2)" in message
     assert "attacks.both.tokens: give either token" in message
     assert "attacks.pooled.tokens: one token per target needs a per-target attack" in message
@@ -494,10 +500,7 @@ def test_per_target_attacks_teach_with_the_tokens_the_defence_immunized(fast_wor
         "lora": {"preset": "lora", "steps": 2, "tokens": ["<v1>", "<heart>"]},
         "full": {"preset": "full", "steps": 2, "token": "<unused>"},
     }
-    with pytest.raises(DiffImmuneError) as caught:
-        validate_experiment(experiment, "exp.yaml")
-    message = str(caught.value)
-    assert "2 error(s)" in message and "\n" not in message
+    message = one_line_errors(experiment, 2)
     assert "defences.imma.tokens: the token '<v9>' is not a word of the model's tokenizer" in message
     assert "attacks.lora-moon: the token '<heart>' is not a word" in message
     assert "use one of its spare tokens (<v1>, <v2>, <v3>, <v4>, sks)" in message
