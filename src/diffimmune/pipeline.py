@@ -223,8 +223,6 @@ def _word_vocabulary(model: str) -> set[str] | None:
     preset's spare tokens and factor values; a world folder's tokenizer.json); None for any other model,
     whose tokenizer is checked when a stage loads it (a BPE tokenizer splits any placeholder into pieces,
     a word-level one turns an unknown word into <unk> without a word)."""
-    import json
-
     from diffimmune.data.sources import world_factors, world_folder_of
     from diffimmune.models.tiny import SPECIAL_TOKENS
 
