@@ -317,30 +317,27 @@ def gate(
         raise DiffImmuneError(f"--max-target is a percentage between 0 and 100, got {max_target}")
     result = gate_run(run, attack, max_target / 100, max_drop, worst_target, reference, retention)
     reading = "worst target" if worst_target else "mean over targets"
-    table = Table(title=f"{run}: attack {attack}, targets {', '.join(result.targets)}")
-    for column in (
-        "model",
-        f"target detection per saved step ({reading})",
-        "max",
-        "other concepts",
-        "drop",
-        "verdict",
-    ):
-        table.add_column(column)
+    steps = " / ".join(str(s) for s in result.rows[0].steps)
+    console.print(
+        f"{run}: attack {attack} on {', '.join(result.targets)}; target detection at steps {steps} ({reading}), "
+        f"the other concepts before the attack",
+        highlight=False,
+    )
     for index, row in enumerate(result.rows):
         curve = row.worst_detection if worst_target else row.mean_detection
         kept = "-" if row.kept is None else f"{row.kept:.1%}"
-        drop = "-" if row.drop_points is None else f"{row.drop_points:+.1f} pts"
+        drop = "" if row.drop_points is None or index == 0 else f" ({0.0 - row.drop_points:+.1f} pts)"
         if index == 0:
-            verdict = "reference" + ("" if max(curve) >= 0.8 else " (does not recover: < 80%)")
+            verdict = "reference" + ("" if max(curve) >= 0.8 else " (does not recover: under 80%)")
         else:
-            reasons = [] if row.held else [f"target > {max_target:g}%"]
-            reasons += [] if row.kept_enough else [f"drop > {max_drop:g} pts"]
-            verdict = "pass" if row.passes else "fail: " + ", ".join(reasons)
-        table.add_row(
-            row.model, " / ".join(f"{v:.0%}" for v in curve), f"{max(curve):.0%}", kept, drop, verdict
+            reasons = [] if row.held else [f"target over {max_target:g}%"]
+            reasons += [] if row.kept_enough else [f"loses over {max_drop:g} pts"]
+            verdict = "[green]pass[/]" if row.passes else "[red]fail[/]: " + ", ".join(reasons)
+        console.print(
+            f"  {row.model}: {' / '.join(f'{v:.0%}' for v in curve)} (max {max(curve):.0%}); other concepts "
+            f"{kept}{drop}; {verdict}",
+            highlight=False,
         )
-    console.print(table)
     path = write_gate(result, run)
     if result.chosen is None:
         console.print(f"no immunized model passes; written {path}", highlight=False)
