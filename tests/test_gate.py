@@ -143,3 +143,12 @@ def test_gate_reads_the_other_concepts_from_an_evaluation_of_the_released_models
     write_metrics_csv([r for r in rows if "best" not in r["model"]], path)
     answer = runner.invoke(app, ["gate", str(run), "--attack", "lr", "--retention", str(path)])
     assert answer.exit_code == 2 and "has no reading of best" in answer.output
+
+
+def test_gate_refuses_a_model_whose_evaluation_lacks_a_target(tmp_path):
+    """A model with one target's curve missing would be gated on the other alone: a one-line error instead."""
+    curves = {**CURVES, "leaks": {"star": CURVES["leaks"]["star"]}}
+    run = make_run(tmp_path, curves, KEPT)
+    result = runner.invoke(app, ["gate", str(run), "--attack", "lr"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "'lr' on leaks has no detection of shape=square" in " ".join(result.output.split())

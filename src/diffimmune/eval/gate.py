@@ -122,6 +122,13 @@ def gate_run(
             f"--reference {reference}: the run has no '{attack}' evaluation of it; models: {', '.join(models)}"
         )
     defences = [m for m in experiment.get("defences", {}) if m in models and m != reference]
+    for model in [reference, *defences]:
+        missing = sorted(wanted - {concept for m, concept in series if m == model})
+        if missing:
+            raise DiffImmuneError(
+                f"{metrics}: '{attack}' on {model} has no detection of {', '.join(missing)}; finish its "
+                "evaluation (`diffimmune run` on the run's file) before gating it"
+            )
     rows = [_row(m, series, wanted, SAFE_CONCEPT) for m in [reference, *defences]]
     if retention is not None:
         kept = _retention(Path(retention), run_dir, wanted, SAFE_CONCEPT)
