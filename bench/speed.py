@@ -63,8 +63,9 @@ def targets_for(method: str, hypergradient: str, count: int) -> float | None:
     return None
 
 
-# The fine-tuning each method's lower level simulates (its default adapter), as the table names it.
-FINE_TUNE = {"imma": "LoRA", "mima": "DreamBooth", "joint": "DreamBooth", "compose": "K/V"}
+# The table's name for the fine-tuning a lower-level adapter simulates (the method's own default adapter,
+# `ImmunizeConfig.inner_methods`, says which one a method uses).
+FINE_TUNE = {"lora": "LoRA", "dreambooth": "DreamBooth", "custom_diffusion": "K/V"}
 
 
 def adversary_step(model, method, batch):
@@ -175,7 +176,7 @@ def main() -> None:
             "method": label,
             "hypergradient": mode,
             "concepts": count,
-            "fine_tune": "selection" if adversary_times is None else FINE_TUNE[method_name],
+            "fine_tune": "selection" if adversary_times is None else FINE_TUNE[config.inner_methods()[0]],
             "plain_ms": 1000 * statistics.median(plain_times),
             "outer_ms": 1000 * statistics.median(outer_times),
             "ratio": ratio,
