@@ -111,6 +111,7 @@ def test_gate_bad_input_is_one_line(tmp_path):
         ),
         (["gate", str(tmp_path), "--attack", "lr"], "experiment.json does not exist"),
         (["gate", str(run), "--attack", "lr", "--max-target", "120"], "--max-target is a percentage"),
+        (["gate", str(run), "--attack", "lr", "--max-drop", "-1"], "--max-drop is the points"),
         (["gate", str(run), "--attack", "lr", "--reference", "base"], "--reference base: the run has no"),
     ]:
         result = runner.invoke(app, args)

@@ -315,6 +315,8 @@ def gate(
 
     if not 0 <= max_target <= 100:
         raise DiffImmuneError(f"--max-target is a percentage between 0 and 100, got {max_target}")
+    if max_drop < 0:
+        raise DiffImmuneError(f"--max-drop is the points the other concepts may lose, >= 0; got {max_drop}")
     result = gate_run(run, attack, max_target / 100, max_drop, worst_target, reference, retention)
     reading = "worst target" if worst_target else "mean over targets"
     steps = " / ".join(str(s) for s in result.rows[0].steps)
