@@ -39,6 +39,12 @@ def test_evaluate_writes_every_metric_at_every_step_and_reuses_samples(world_mod
     again = read_metrics_csv(evaluate_run(tmp_path / "run", settings))
     assert again == rows
     assert [p.stat().st_mtime_ns for p in samples] == stamps
+    # `other_concepts_at: start`: the other shapes (and their FID) only at the first saved step.
+    start = EvalSettings(samples=4, steps=3, references=8, other_concepts=2, other_concepts_at="start")
+    read = {(r["step"], r["concept"]) for r in read_metrics_csv(evaluate_run(tmp_path / "run", start))}
+    assert {concept for step, concept in read if step == 2} == {"shape=heart"}
+    assert {concept for step, concept in read if step == 0} == {c for c, _ in metrics}
+    assert sorted((tmp_path / "run" / "ti" / "steps").rglob("*.png")) == samples  # nothing new generated
 
 
 def test_cli_evaluate_names_a_folder_without_attacks(tmp_path):

@@ -359,6 +359,24 @@ def test_run_refuses_a_name_the_file_does_not_have(fast_world, tmp_path):
         load_experiment(path, None, [])
 
 
+def test_other_concepts_at_start_costs_fewer_images_and_keeps_earlier_evaluations_cached(
+    fast_world, tmp_path
+):
+    from diffimmune.pipeline import EvaluateSpec, evaluation_key
+
+    assert "other_concepts_at" not in evaluation_key(EvaluateSpec())  # runs cached before the field stay so
+    assert evaluation_key(EvaluateSpec(other_concepts_at="start"))["other_concepts_at"] == "start"
+    experiment = tiny_experiment(fast_world[1].model_dir)
+
+    def images(evaluate):
+        experiment["evaluate"] = dict(experiment.get("evaluate", {}), **evaluate)
+        stages = build_stages(validate_experiment(experiment), tmp_path)
+        return {s.name: s.images for s in stages if s.kind == "evaluate"}
+
+    every, start = images({"other_concepts_at": "every"}), images({"other_concepts_at": "start"})
+    assert every.keys() == start.keys() and all(start[n] < every[n] for n in every)
+
+
 def test_stage_folders_are_keyed_by_the_configuration(fast_world, tmp_path):
     experiment = tiny_experiment(fast_world[1].model_dir)
     before = {s.name: s.folder for s in build_stages(validate_experiment(experiment), tmp_path)}

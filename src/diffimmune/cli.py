@@ -373,6 +373,13 @@ def evaluate(
     other_concepts: Annotated[
         int | None, typer.Option(help="how many other concepts to check for retention")
     ] = None,
+    other_concepts_at: Annotated[
+        str,
+        typer.Option(
+            "--other-concepts-at",
+            help="every: read the other concepts at every saved step; start: at the first only",
+        ),
+    ] = "every",
     fid: Annotated[bool, typer.Option("--fid/--no-fid", help="FID/KID on the other concepts")] = True,
     clip: Annotated[
         str | None,
@@ -398,11 +405,14 @@ def evaluate(
     the same metrics for models as they are (step 0, attack "-"), and a table of targets and kept concepts."""
     from diffimmune.eval.evaluate import EvalSettings, evaluate_run
 
+    if other_concepts_at not in ("every", "start"):
+        raise DiffImmuneError(f"--other-concepts-at is every or start, got '{other_concepts_at}'")
     settings = EvalSettings(
         samples=samples,
         steps=steps,
         guidance_scale=guidance_scale,
         other_concepts=other_concepts,
+        other_concepts_at=other_concepts_at,
         fid=fid,
         clip=clip,
         dino=dino,

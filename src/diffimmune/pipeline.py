@@ -84,6 +84,11 @@ class EvaluateSpec(StrictModel):
     guidance_scale: float = Field(default=4.0, ge=0)
     references: int = Field(default=32, gt=0)
     other_concepts: int | None = Field(default=None, gt=0, description="None: every other known shape")
+    other_concepts_at: Literal["every", "start"] = Field(
+        default="every",
+        description="the saved steps the other concepts are read at: every one, or the first (the model "
+        "before the attack: what the release gate reads, at a fraction of the images)",
+    )
     fid: bool = True
     clip: str | None = Field(default=None, description="CLIP checkpoint folder (models outside the world)")
     dino: str | None = Field(default=None, description="DINOv2 checkpoint folder (models outside the world)")
@@ -528,6 +533,8 @@ def evaluation_key(settings: EvaluateSpec) -> dict:
     from diffimmune.eval.evaluate import GENERAL_FIELDS
 
     values = settings.model_dump(mode="json")
+    if values.get("other_concepts_at") == "every":  # the default, and what runs before the field read
+        del values["other_concepts_at"]
     return {k: v for k, v in values.items() if k not in GENERAL_FIELDS or v not in (None, False)}
 
 
@@ -629,7 +636,13 @@ def build_stages(plan: ExperimentPlan, run_dir: Path) -> list[Stage]:
             )
             evaluation = evaluation_file(folder, settings, attack.targets, key=key)
             generated = _evaluation_sets(plan, attack, settings)
-            later = sum(generated.values()) * (len(config.checkpoints()) - 1)
+            # Read at every saved step: the targets, and the other concepts unless only at the start.
+            every = {
+                w: n
+                for w, n in generated.items()
+                if w[0] in attack.targets or settings.other_concepts_at == "every"
+            }
+            later = sum(every.values()) * (len(config.checkpoints()) - 1)
             # Every attack's step 0 is the model itself: a set generated there once is shared.
             first = sum(n for what, n in generated.items() if (model, what) not in sampled_at_start)
             sampled_at_start.update((model, what) for what in generated)

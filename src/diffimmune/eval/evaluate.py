@@ -48,6 +48,7 @@ class EvalSettings:
     guidance_scale: float = 4.0
     references: int = 32
     other_concepts: int | None = None  # None: every other known shape
+    other_concepts_at: str = "every"  # "start": the other concepts only at the first saved step
     fid: bool = True
     # Models outside the concept world (eval/general.py): encoders, safe data, the NSFW path.
     clip: str | None = None  # a CLIP checkpoint folder: similarity_clip, clip_score, FID in CLIP space
@@ -223,9 +224,11 @@ def evaluate_states(model, model_source: str, config, name: str, states, setting
         plans.append(("other", "shape", shape, prompts, data.images))
     reference_features = {(c, v): encoder.encode_images(refs) for _, c, v, _, refs in plans}
     rows = []
-    for step, folder, shared in states:
+    for index, (step, folder, shared) in enumerate(states):
         other_fakes, other_reals = [], []
         for kind, column, value, prompts, references in plans:
+            if kind == "other" and index > 0 and settings.other_concepts_at == "start":
+                continue
             seeds = [EVAL_SEED * 1000 + i for i in range(len(prompts))]
             images = generate_cached(
                 model,
