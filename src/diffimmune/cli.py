@@ -326,7 +326,7 @@ def gate(
         highlight=False,
     )
     for index, row in enumerate(result.rows):
-        curve = row.worst_detection if worst_target else row.mean_detection
+        curve = row.curve(worst_target)
         kept = "-" if row.kept is None else f"{row.kept:.1%}"
         drop = "" if row.drop_points is None or index == 0 else f" ({0.0 - row.drop_points:+.1f} pts)"
         if index == 0:

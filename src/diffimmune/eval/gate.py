@@ -44,6 +44,10 @@ class GateRow:
     def passes(self) -> bool:
         return self.held and self.kept_enough
 
+    def curve(self, worst_target: bool) -> list[float]:
+        """The detection per saved step the gate reads: the worst target's, or the mean over targets."""
+        return self.worst_detection if worst_target else self.mean_detection
+
 
 @dataclass
 class GateResult:
@@ -87,7 +91,7 @@ def gate_run(
     together) over every model the run attacked with it. Rates are fractions; `max_drop` is in points.
     `retention`: a metrics.csv of `diffimmune evaluate --model ...` on the run's models, read for the other
     concepts instead of the attacks' step 0 (a run may read only one other concept per step)."""
-    from diffimmune.eval.evaluate import SAFE_CONCEPT, read_metrics_csv
+    from diffimmune.eval.evaluate import SAFE_CONCEPT, read_metrics_csv, target_name
 
     run_dir = Path(run_dir)
     record, metrics = run_dir / "experiment.json", run_dir / "metrics.csv"
@@ -96,12 +100,16 @@ def gate_run(
             raise DiffImmuneError(f"{file} does not exist; give the folder of a finished `diffimmune run`")
     experiment = json.loads(record.read_text())
     targets = [str(t) for t in experiment.get("targets", [])]
-    wanted = {t if "=" in t else f"shape={t}" for t in targets}
+    concepts = {target_name(t).partition("=")[2]: target_name(t) for t in targets}  # value -> column=value
+    wanted = set(concepts.values())
+    # The run's attack names this attack stands for, and the targets each teaches: the attack itself (all of
+    # them), or its per-target parts NAME-<value> (one each).
+    taught_by = {attack: wanted, **{f"{attack}-{value}": {c} for value, c in concepts.items()}}
     series: dict = defaultdict(dict)  # (model, concept) -> {step: [detection, ...]}
     attacks_found = set()
     for row in read_metrics_csv(metrics):
         attacks_found.add(row["attack"])
-        taught = _taught(row["attack"], attack, targets)
+        taught = taught_by.get(row["attack"])
         if row["metric"] != "detection" or taught is None:
             continue
         if row["concept"] in wanted and row["concept"] not in taught:
@@ -110,7 +118,7 @@ def gate_run(
         series[key].setdefault(row["step"], []).append(row["value"])
     models = list(dict.fromkeys(m for m, _ in series))
     if not models:
-        names = sorted({_attack_entry(a, targets) for a in attacks_found})
+        names = sorted({_attack_entry(a, list(concepts)) for a in attacks_found})
         raise DiffImmuneError(
             f"{metrics} has no evaluation of attack '{attack}'; its attacks: {', '.join(names) or 'none'} "
             "(pass one of them to --attack)"
@@ -142,34 +150,23 @@ def gate_run(
             row.kept = kept[row.model]
     reference_kept = rows[0].kept
     for row in rows:
-        curve = row.worst_detection if worst_target else row.mean_detection
-        row.held = max(curve) <= max_target + 1e-9
+        row.held = max(row.curve(worst_target)) <= max_target + 1e-9
         if row.kept is not None and reference_kept is not None:
             row.drop_points = 100 * (reference_kept - row.kept)
         row.kept_enough = row.drop_points is not None and row.drop_points <= max_drop + 1e-9
     passing = [r for r in rows[1:] if r.passes]
-    worst = (lambda r: max(r.worst_detection)) if worst_target else (lambda r: max(r.mean_detection))
-    chosen = min(passing, key=lambda r: (worst(r), r.drop_points)).model if passing else None
+    chosen = (
+        min(passing, key=lambda r: (max(r.curve(worst_target)), r.drop_points)).model if passing else None
+    )
     return GateResult(attack, targets, reference, max_target, max_drop, worst_target, rows, chosen)
 
 
-def _taught(name: str, attack: str, targets: list[str]) -> set[str] | None:
-    """The target concepts a run's attack `name` teaches, if it is (a per-target part of) `attack`."""
-    concepts = {t: t if "=" in t else f"shape={t}" for t in targets}
-    if name == attack:
-        return set(concepts.values())
-    for target, concept in concepts.items():
-        if name == f"{attack}-{target.partition('=')[2] or target}":
-            return {concept}
-    return None
-
-
-def _attack_entry(name: str, targets: list[str]) -> str:
-    """A run's attack name -> the entry of the file it came from (a per-target attack loses its target)."""
-    for target in targets:
-        suffix = "-" + (target.partition("=")[2] or target)
-        if name.endswith(suffix):
-            return name.removesuffix(suffix)
+def _attack_entry(name: str, values: list[str]) -> str:
+    """A run's attack name -> the entry of the file it came from (a per-target attack, NAME-<value>, loses
+    its target's value)."""
+    for value in values:
+        if name.endswith("-" + value):
+            return name.removesuffix("-" + value)
     return name
 
 
