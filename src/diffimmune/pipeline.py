@@ -169,6 +169,8 @@ def load_run(
     end."""
     data = read_config_file(path, "experiment file")
     whole = validate_experiment(copy.deepcopy(data), str(path))
+    if defences is None and attacks is None:  # the whole file is the run: validated once
+        return whole, whole
     chosen = select_experiment(copy.deepcopy(data), defences, attacks, str(path))
     return validate_experiment(chosen, str(path)), whole
 
