@@ -236,6 +236,21 @@ def test_run_takes_a_subset_of_the_files_defences_and_attacks(fast_world, tmp_pa
     assert keys(plan) < keys(load_experiment(path))
 
 
+def test_a_run_attacking_only_immunized_models_ends_with_its_report(fast_world, tmp_path):
+    # The erased model is the report's reference only when it was attacked: a file whose attack_models
+    # names the defence alone used to fail at the last stage ("--reference-model ... matches none").
+    experiment = tiny_experiment(fast_world[1].model_dir)
+    experiment["attack_models"] = ["imma"]
+    experiment["attacks"] = {"lora_fast": experiment["attacks"]["lora_fast"]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    rows = read_metrics_csv(tmp_path / "run" / "metrics.csv")
+    assert {Path(r["model"]).parts[-2].rsplit("-", 1)[0] for r in rows} == {"imma"}
+    assert "lora_fast" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_runs_of_subsets_into_one_folder_keep_every_row_done_in_its_report(fast_world, tmp_path, monkeypatch):
     experiment = tiny_experiment(fast_world[1].model_dir)
     # imma_b immunizes the erased model with the anchor made from the model before the erasure ("base")

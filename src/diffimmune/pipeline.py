@@ -875,10 +875,13 @@ def run_experiment(
         elif stage.kind == "report":
             metrics_csv = write_metrics_csv(rows, run_dir / "metrics.csv")
             names = {source: name for name, source in sources.items()}
+            # The model without immunization is the gaps' reference only if it was attacked
+            # (attack_models may list immunized models alone); without it the report says why it skips them.
+            reference = sources.get(ERASED, sources[BASE])
             markdown, html = write_report(
                 run_dir,
                 title=experiment.report.title or experiment.name,
-                reference_model=sources.get(ERASED, sources[BASE]),
+                reference_model=reference if any(row["model"] == reference for row in rows) else None,
                 attack_dirs=attack_dirs,
                 model_names=names,
             )
