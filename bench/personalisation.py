@@ -30,7 +30,7 @@ from diffimmune.eval.evaluate import EVAL_SEED, concept_prompts, read_metrics_cs
 from diffimmune.eval.metrics import mrsgr
 from diffimmune.eval.sampling import load_png, sample_key
 from diffimmune.models.diffusion_model import load_model
-from diffimmune.pipeline import EvaluateSpec, evaluation_file
+from diffimmune.pipeline import EvaluateSpec, evaluation_file, validate_experiment
 
 METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
 
@@ -93,6 +93,8 @@ def main() -> None:
     if args.samples:
         spec = spec.model_copy(update={"samples": args.samples})
     settings = spec.model_dump()
+    # the experiment's other targets each attack's evaluation leaves out of the other concepts (its file name)
+    others_exclude = {a.name: a.others_exclude for a in validate_experiment(experiment).attacks}
     targets = [t.partition("=")[2] or t for t in experiment["targets"]]
     folders = attack_folders(args.run)
 
@@ -101,7 +103,12 @@ def main() -> None:
         folder = folders[(name, attack)]
         config, _ = read_attack(folder)
         concepts = [f"{column}={value}" for column, value in target_concepts(config, None)]
-        path = folder / "metrics.csv" if args.folder_metrics else evaluation_file(folder, spec, concepts)
+        excluded = others_exclude.get(attack)
+        path = (
+            folder / "metrics.csv"
+            if args.folder_metrics
+            else evaluation_file(folder, spec, concepts, others_exclude=excluded)
+        )
         if not path.is_file():
             how = (
                 f"run `diffimmune evaluate --run {folder}` first"

@@ -45,6 +45,13 @@ def test_evaluate_writes_every_metric_at_every_step_and_reuses_samples(world_mod
     assert {concept for step, concept in read if step == 2} == {"shape=heart"}
     assert {concept for step, concept in read if step == 0} == {c for c, _ in metrics}
     assert sorted((tmp_path / "run" / "ti" / "steps").rglob("*.png")) == samples  # nothing new generated
+    # An experiment's other target is not read among the other concepts: the next known shape takes its place.
+    from diffimmune.eval.evaluate import evaluate_attack
+
+    others = [s for s in model_world(world_model).known_shapes if s != "heart"]
+    assert ("shape=" + others[0], "detection") in metrics
+    rows = evaluate_attack(tmp_path / "run" / "ti", start, others_exclude=["shape=" + others[0]])
+    assert {r["concept"] for r in rows} - {"safe"} == {"shape=heart", *(f"shape={s}" for s in others[1:3])}
 
 
 def test_cli_evaluate_names_a_folder_without_attacks(tmp_path):

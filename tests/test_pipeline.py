@@ -392,6 +392,25 @@ def test_other_concepts_at_start_costs_fewer_images_and_keeps_earlier_evaluation
     assert every.keys() == start.keys() and all(start[n] < every[n] for n in every)
 
 
+def test_a_per_target_attack_reads_the_experiments_kept_shapes_and_not_its_sibling_target(fast_world):
+    from diffimmune.pipeline import _evaluation_sets
+
+    experiment = tiny_experiment(fast_world[1].model_dir)
+    experiment["attacks"] = {"lora": dict(experiment["attacks"]["lora"], per_target=True)}
+    experiment["targets"] = ["star", "square"]
+    experiment["evaluate"]["other_concepts"] = 3
+    plan = validate_experiment(experiment)
+    attacks = {a.name: a for a in plan.attacks}
+    assert attacks["lora-star"].others_exclude == ["shape=square"]
+    assert attacks["lora-square"].others_exclude == ["shape=star"]
+    kept = [s for s in plan.world.known_shapes if s not in ("star", "square")][:3]
+    for target in ("star", "square"):
+        read = {w[0] for w in _evaluation_sets(plan, attacks[f"lora-{target}"], plan.experiment.evaluate)}
+        assert read == {f"shape={target}", *(f"shape={s}" for s in kept)}
+    # the exclusion is a part of the evaluation's name only when there is one: a one-target run keeps its cache
+    assert not validate_experiment(dict(experiment, targets=["star"])).attacks[0].others_exclude
+
+
 def test_stage_folders_are_keyed_by_the_configuration(fast_world, tmp_path):
     experiment = tiny_experiment(fast_world[1].model_dir)
     before = {s.name: s.folder for s in build_stages(validate_experiment(experiment), tmp_path)}

@@ -134,6 +134,9 @@ class AttackPlan:
     name: str
     config: AttackConfig
     targets: list[str]  # evaluation targets, as column=value
+    # the experiment's other targets (column=value): never read among the other concepts, so a per-target
+    # attack's kept shapes are the experiment's (with other_concepts: N, N of them), not its sibling target
+    others_exclude: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -524,7 +527,11 @@ def _attack_plans(name, settings, plan: ExperimentPlan, world_attack, errors) ->
                 eval_targets = [f"{column}={value}" for column, value in target_concepts(config, None)]
             except DiffImmuneError:
                 eval_targets = []
-        plans.append(AttackPlan(attack_name, config, eval_targets))
+        # Known shapes among the experiment's other targets would be read as kept ones (a held-out shape
+        # never is: only known shapes are); none outside the world, whose evaluation reads no other concepts.
+        known = set(plan.world.known_shapes) if plan.world is not None else set()
+        exclude = [f for f in target_filters if f not in eval_targets and f.partition("=")[2] in known]
+        plans.append(AttackPlan(attack_name, config, eval_targets, exclude))
     return plans
 
 
@@ -550,12 +557,17 @@ def immunize_key(config) -> dict:
 
 
 def evaluation_file(
-    attack_folder: Path, settings: EvaluateSpec, targets: list[str], key: str | None = None
+    attack_folder: Path,
+    settings: EvaluateSpec,
+    targets: list[str],
+    key: str | None = None,
+    others_exclude: list[str] | None = None,
 ) -> Path:
     """The CSV in which the pipeline keeps an attack folder's evaluation under `settings` on `targets`
     (column=value): each attack folder keeps one per evaluation, so a reader need not depend on which
     models the run folder's last `diffimmune run` listed. `key` is the attack stage's hash, read from
-    the folder's stage record when not given."""
+    the folder's stage record when not given; `others_exclude`, the experiment's other targets
+    (`AttackPlan.others_exclude`, a part of the name only when there are some)."""
     if key is None:
         record = Path(attack_folder) / STAGE_FILE
         if not record.is_file():
@@ -563,7 +575,10 @@ def evaluation_file(
                 f"{record} is missing: {attack_folder} is not a finished attack of a pipeline run"
             )
         key = json.loads(record.read_text())["key"]
-    return Path(attack_folder) / f"eval-{stage_hash('evaluate', key, evaluation_key(settings), targets)}.csv"
+    parts = [key, evaluation_key(settings), targets]
+    if others_exclude:
+        parts.append({"others_exclude": sorted(others_exclude)})
+    return Path(attack_folder) / f"eval-{stage_hash('evaluate', *parts)}.csv"
 
 
 def stage_hash(*parts) -> str:
@@ -636,7 +651,7 @@ def build_stages(plan: ExperimentPlan, run_dir: Path) -> list[Stage]:
             stages.append(
                 Stage("attack", f"{model} / {attack.name}", folder, key, config.steps, images, model=model)
             )
-            evaluation = evaluation_file(folder, settings, attack.targets, key=key)
+            evaluation = evaluation_file(folder, settings, attack.targets, key, attack.others_exclude)
             generated = _evaluation_sets(plan, attack, settings)
             # Read at every saved step: the targets, and the other concepts unless only at the start.
             every = {
@@ -674,7 +689,9 @@ def _evaluation_sets(plan: ExperimentPlan, attack, settings) -> dict[tuple, int]
         if settings.safe_data:
             sets[(settings.safe_data, None, None)] = settings.references
         return sets
-    shapes = {t.partition("=")[2] for t in attack.targets if t.startswith("shape=")}
+    shapes = {
+        t.partition("=")[2] for t in [*attack.targets, *attack.others_exclude] if t.startswith("shape=")
+    }
     others = [s for s in plan.world.known_shapes if s not in shapes][: settings.other_concepts]
     sets.update({(f"shape={s}", None, None): settings.samples for s in others})
     return sets
@@ -864,6 +881,7 @@ def run_experiment(
                         attack.targets,
                         log=log,
                         shared_samples=run_dir / SHARED_SAMPLES,
+                        others_exclude=attack.others_exclude,
                     )
                     for row in found:
                         row["attack"] = attack.name

@@ -113,18 +113,30 @@ def evaluate_attack(
     classifier=None,
     log=None,
     shared_samples: Path | None = None,
+    others_exclude: list[str] | None = None,
 ):
     """Rows of metrics for every saved step of one attack. With `shared_samples`, generations are also
     cached under shared_samples/<weights fingerprint>/, so identical model states across attacks (every
     attack's step 0 on one model) are sampled once. A model outside the concept world is measured by
-    `eval.general.evaluate_general` with the encoders the settings name."""
+    `eval.general.evaluate_general` with the encoders the settings name. `others_exclude`: concepts
+    (column=value) not read among the other concepts though not this attack's targets (an experiment's
+    other targets)."""
     from diffimmune.models.diffusion_model import load_model
 
     config, model_source = read_attack(attack_dir)
     model = load_model(model_source, device="cpu")
     states = checkpoint_states(model, attack_dir, shared_samples)
     return evaluate_states(
-        model, model_source, config, attack_dir.name, states, settings, targets, classifier, log
+        model,
+        model_source,
+        config,
+        attack_dir.name,
+        states,
+        settings,
+        targets,
+        classifier,
+        log,
+        others_exclude,
     )
 
 
@@ -194,9 +206,21 @@ def model_table(rows: list[dict], targets: list[str]) -> list[str]:
     return lines
 
 
-def evaluate_states(model, model_source: str, config, name: str, states, settings, targets, classifier, log):
+def evaluate_states(
+    model,
+    model_source: str,
+    config,
+    name: str,
+    states,
+    settings,
+    targets,
+    classifier,
+    log,
+    others_exclude=None,
+):
     """Rows of metrics for `model` at each (step, folder, shared sample folder) of `states` (the model
-    holding that step's weights as it is yielded); `config` gives the prompts' template, token and data."""
+    holding that step's weights as it is yielded); `config` gives the prompts' template, token and data;
+    `others_exclude` (column=value) are not read among the other concepts."""
     from diffimmune.eval.encoders import WorldEncoder
     from diffimmune.recipes.world_build import world_model_parts
 
@@ -209,7 +233,8 @@ def evaluate_states(model, model_source: str, config, name: str, states, setting
     encoder = WorldEncoder(classifier)
     raw_encoder = WorldEncoder(classifier, normalize=False)
     targets_list = target_concepts(config, targets)
-    target_shapes = {v for c, v in targets_list if c == "shape"}
+    excluded = [tuple(t.split("=", 1)) for t in others_exclude or []]
+    target_shapes = {v for c, v in [*targets_list, *excluded] if c == "shape"}
     others = [s for s in world.known_shapes if s not in target_shapes][: settings.other_concepts]
     # Prompts and references are fixed once; every step and every model sees the same ones.
     plans = []
