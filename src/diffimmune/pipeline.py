@@ -689,10 +689,9 @@ def _evaluation_sets(plan: ExperimentPlan, attack, settings) -> dict[tuple, int]
         if settings.safe_data:
             sets[(settings.safe_data, None, None)] = settings.references
         return sets
-    shapes = {
-        t.partition("=")[2] for t in [*attack.targets, *attack.others_exclude] if t.startswith("shape=")
-    }
-    others = [s for s in plan.world.known_shapes if s not in shapes][: settings.other_concepts]
+    from diffimmune.eval.evaluate import other_shapes
+
+    others = other_shapes(plan.world, [*attack.targets, *attack.others_exclude], settings.other_concepts)
     sets.update({(f"shape={s}", None, None): settings.samples for s in others})
     return sets
 

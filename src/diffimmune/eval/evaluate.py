@@ -206,6 +206,14 @@ def model_table(rows: list[dict], targets: list[str]) -> list[str]:
     return lines
 
 
+def other_shapes(world, concepts: list[str], count: int | None) -> list[str]:
+    """The known shapes an evaluation reads as the other (kept) concepts: the world's known shapes that are
+    none of `concepts` (column=value: the attack's targets and the experiment's other targets), the first
+    `count` of them (None: all). The pipeline counts its images with the same list."""
+    skip = {concept.partition("=")[2] for concept in concepts if concept.startswith("shape=")}
+    return [shape for shape in world.known_shapes if shape not in skip][:count]
+
+
 def evaluate_states(
     model,
     model_source: str,
@@ -233,9 +241,8 @@ def evaluate_states(
     encoder = WorldEncoder(classifier)
     raw_encoder = WorldEncoder(classifier, normalize=False)
     targets_list = target_concepts(config, targets)
-    excluded = [tuple(t.split("=", 1)) for t in others_exclude or []]
-    target_shapes = {v for c, v in [*targets_list, *excluded] if c == "shape"}
-    others = [s for s in world.known_shapes if s not in target_shapes][: settings.other_concepts]
+    read = [f"{column}={value}" for column, value in targets_list]
+    others = other_shapes(world, [*read, *(others_exclude or [])], settings.other_concepts)
     # Prompts and references are fixed once; every step and every model sees the same ones.
     plans = []
     for column, value in targets_list:
